@@ -1,0 +1,224 @@
+"""Compile `tvm.relax.frontend.nn` modules for a target, with an on-disk cache of the built libraries.
+
+Parameters are never baked into the library: they are inputs of every exported function, bound at
+run time (`CompiledModel.set_params`). The cache key is the SHA-256 of everything that changes the
+generated code: the exported Relax module's text (it already contains the config and the shapes),
+the target, the build options, and the TVM and sdcore versions. Writes are atomic (temporary file,
+then rename) and each entry records the library's own SHA-256, so a truncated or corrupt entry is
+detected, deleted and rebuilt instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import sdcore
+from sdcore.errors import SdcoreError
+
+logger = logging.getLogger("sdcore.compile")
+
+
+def default_cache_dir() -> Path:
+    """`$SDCORE_CACHE`, else `$XDG_CACHE_HOME/sdcore`, else `~/.cache/sdcore`."""
+    if os.environ.get("SDCORE_CACHE"):
+        return Path(os.environ["SDCORE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdcore"
+
+
+def make_target(name: str = "llvm"):
+    """A TVM target for `name`: "llvm" (the host CPU, detected), "cuda", or "auto"."""
+    import tvm
+    from tvm.target import Target
+
+    if name == "auto":
+        name = "cuda" if tvm.cuda(0).exist else "llvm"
+    if name == "llvm":
+        from tvm.target import codegen
+
+        cpu = codegen.llvm_get_system_cpu()
+        return Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
+    if name == "cuda":
+        if not tvm.cuda(0).exist:
+            raise SdcoreError("target 'cuda' asked for, but no CUDA GPU is visible to TVM.")
+        return Target({"kind": "cuda", "arch": "sm_" + tvm.cuda(0).compute_version.replace(".", "")})
+    raise SdcoreError(f"unknown target {name!r}: use 'llvm', 'cuda' or 'auto'.", exit_code=2)
+
+
+def device_for(target):
+    import tvm
+
+    return tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
+
+
+class CompiledModel:
+    """A built Relax VM plus the parameters it takes, in export order.
+
+    Calling `model.forward(*inputs)` (or any exported function name) passes the inputs followed by
+    the parameters and returns NumPy arrays (a tuple when the function returns several outputs).
+    """
+
+    def __init__(self, vm, device, param_names: Sequence[str], param_shapes: Sequence[tuple], param_dtypes):
+        self.vm = vm
+        self.device = device
+        self.param_names = list(param_names)
+        self.param_shapes = [tuple(s) for s in param_shapes]
+        self.param_dtypes = list(param_dtypes)
+        self._params: list | None = None
+
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        """Bind weights by name. Strict: every parameter present with its exact shape, nothing extra."""
+        import tvm
+
+        missing = [n for n in self.param_names if n not in params]
+        extra = sorted(set(params) - set(self.param_names))
+        if missing or extra:
+            raise SdcoreError(
+                f"weights do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}."
+            )
+        bound = []
+        for name, shape, dtype in zip(self.param_names, self.param_shapes, self.param_dtypes):
+            array = params[name]
+            if tuple(array.shape) != shape:
+                raise SdcoreError(f"weight {name}: expected shape {shape}, found {tuple(array.shape)}.")
+            bound.append(tvm.runtime.tensor(np.ascontiguousarray(array, dtype=dtype), self.device))
+        self._params = bound
+
+    def release_params(self) -> None:
+        self._params = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("vm", "device"):
+            raise AttributeError(name)
+        return lambda *inputs: self.run(name, *inputs)
+
+    def run(self, function: str, *inputs):
+        import tvm
+
+        if self._params is None:
+            raise SdcoreError("parameters are not bound: call set_params() first.")
+        args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
+                for x in inputs]
+        out = self.vm[function](*args, *self._params)
+        return _to_numpy(out)
+
+
+def _to_numpy(out):
+    import tvm
+
+    if isinstance(out, tvm.runtime.Tensor):
+        return out.numpy()
+    return tuple(_to_numpy(o) for o in out)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build(
+    module,
+    spec: dict[str, dict[str, Any]],
+    *,
+    name: str,
+    target="llvm",
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    debug: bool = False,
+) -> CompiledModel:
+    """Export `module` with `spec`, build it for `target` (cached on disk) and return a CompiledModel.
+
+    `name` only labels the log line and the cache file; the key is the exported code itself.
+    `debug=True` passes `debug=True` to export_tvm (effects, intermediate outputs are the caller's).
+    """
+    import tvm
+    from tvm import relax
+
+    if isinstance(target, str):
+        target = make_target(target)
+    device = device_for(target)
+
+    ir_mod, named_params = module.export_tvm(spec=spec, debug=debug)
+    param_names = [n for n, _ in named_params]
+    param_shapes = [tuple(int(s) for s in p.shape) for _, p in named_params]
+    param_dtypes = [p.dtype for _, p in named_params]
+
+    key_material = json.dumps(
+        {
+            "ir": ir_mod.script(show_meta=True),
+            "target": str(target),
+            "tvm": tvm.__version__,
+            "sdcore": sdcore.__version__,
+            "pipeline": "default-v1",
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_material.encode()).hexdigest()[:24]
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    lib_path = cache / f"{name}-{key}.so"
+    meta_path = cache / f"{name}-{key}.json"
+
+    lib = None
+    if use_cache and lib_path.exists() and meta_path.exists():
+        lib = _load_cached(lib_path, meta_path)
+        if lib is not None:
+            logger.info("loaded %s from cache (%s)", name, lib_path.name)
+
+    if lib is None:
+        start = time.perf_counter()
+        executable = relax.build(ir_mod, target=target)
+        seconds = time.perf_counter() - start
+        logger.info("compiled %s for %s in %.1f s", name, target.kind.name, seconds)
+        if use_cache:
+            _store(executable, lib_path, meta_path, {"name": name, "compile_seconds": seconds})
+            lib = tvm.runtime.load_module(str(lib_path))
+        else:
+            lib = executable
+    vm = relax.VirtualMachine(lib, device)
+    return CompiledModel(vm, device, param_names, param_shapes, param_dtypes)
+
+
+def _load_cached(lib_path: Path, meta_path: Path):
+    import tvm
+
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sha256") != _sha256_file(lib_path):
+            raise ValueError("checksum mismatch")
+        return tvm.runtime.load_module(str(lib_path))
+    except Exception as err:  # a corrupt entry is rebuilt, never fatal
+        logger.warning("cache entry %s is corrupt (%s): rebuilding", lib_path.name, err)
+        for p in (lib_path, meta_path):
+            p.unlink(missing_ok=True)
+        return None
+
+
+def _store(executable, lib_path: Path, meta_path: Path, meta: dict) -> None:
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
+    os.close(fd)
+    try:
+        executable.export_library(tmp)
+        meta = dict(meta, sha256=_sha256_file(Path(tmp)), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        os.replace(tmp, lib_path)
+        fd, tmp_meta = tempfile.mkstemp(suffix=".json", dir=lib_path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp_meta, meta_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
