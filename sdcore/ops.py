@@ -1,0 +1,32 @@
+"""Operators shared by the networks. Attention lives here once, so a faster kernel replaces it in one place."""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+
+def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causal: bool = False,
+              upcast: bool = False) -> nn.Tensor:
+    """softmax(q kᵀ / sqrt(d)) v over `num_heads` heads; q [B, N, C], k and v [B, M, C] -> [B, N, C].
+
+    `causal` masks keys after the query position (CLIP's text transformer). `upcast` computes the
+    scores and softmax in float32 whatever the activations' dtype (diffusers' upcast_attention,
+    needed by SD2.1-v in half precision).
+    """
+    b, n, c = q.shape
+    m = k.shape[1]
+    d = c // num_heads
+    dtype = q.dtype
+    q = op.permute_dims(op.reshape(q, (b, n, num_heads, d)), (0, 2, 1, 3))  # [B, H, N, D]
+    k = op.permute_dims(op.reshape(k, (b, m, num_heads, d)), (0, 2, 3, 1))  # [B, H, D, M]
+    v = op.permute_dims(op.reshape(v, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]
+    if upcast and dtype != "float32":
+        q, k = q.astype("float32"), k.astype("float32")
+    scores = op.matmul(q, k) * (1.0 / d**0.5)  # [B, H, N, M]
+    if causal:
+        mask = op.triu(op.full((n, m), -1e9 if scores.dtype == "float32" else -6e4, scores.dtype), 1)  # [N, M]
+        scores = scores + mask
+    probs = op.softmax(scores, axis=-1).astype(dtype)
+    out = op.matmul(probs, v)  # [B, H, N, D]
+    return op.reshape(op.permute_dims(out, (0, 2, 1, 3)), (b, n, c))  # [B, N, C]

@@ -1,0 +1,123 @@
+"""Strict weight loading for the sdcore model directory (docs/model-format.md).
+
+Weight names in a converted directory are diffusers'/transformers' names, and sdcore's modules
+mirror them, so loading is a loop that checks names and shapes. The renames from original
+(CompVis/Stability) checkpoints happen once, at conversion (sdcore/convert/original.py); the only
+exceptions at load time are the buffers below, which the reference libraries save but which are
+not parameters.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sdcore.errors import SdcoreError
+
+# component -> (package, config class, model class, weight file stem)
+COMPONENTS = {
+    "text_encoder": ("sdcore.clip", "CLIPTextConfig", "CLIPTextModel", "model"),
+    "unet": ("sdcore.unet", "UNetConfig", "UNet2DConditionModel", "diffusion_pytorch_model"),
+    "vae": ("sdcore.vae", "VAEConfig", "AutoencoderKL", "diffusion_pytorch_model"),
+}
+
+# Tensors that checkpoints carry but that are not parameters: dropped when found, never required.
+IGNORED_KEYS = {
+    "text_encoder": {"text_model.embeddings.position_ids"},  # a buffer of arange(77) in older transformers
+    "unet": set(),
+    "vae": set(),
+}
+
+
+def model_classes(component: str):
+    """(ConfigClass, ModelClass) of a component."""
+    package, config_name, model_name, _ = COMPONENTS[component]
+    config_mod = importlib.import_module(package + ".config")
+    model_mod = importlib.import_module(package + ".model")
+    return getattr(config_mod, config_name), getattr(model_mod, model_name)
+
+
+def build_module(component: str, config: dict, **kwargs):
+    """The sdcore nn.Module of a component for a diffusers/transformers config dict."""
+    config_cls, model_cls = model_classes(component)
+    return model_cls(config_cls.from_dict(config), **kwargs)
+
+
+def expected_shapes(component: str, config: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape that the sdcore module of `component` has for `config`."""
+    module = build_module(component, config)
+    return {name: tuple(int(s) for s in p.shape) for name, p in module.named_parameters().items()}
+
+
+def check_state_dict(component: str, state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                     source: str = "") -> dict[str, np.ndarray]:
+    """Strict match of a state dict against the expected parameters; returns it without ignored keys.
+
+    Every expected parameter must be present with its shape, and every tensor must be a parameter
+    or in IGNORED_KEYS. Errors name the first offending key.
+    """
+    where = f" in {source}" if source else ""
+    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS[component]}
+    for name, shape in expected.items():
+        if name not in state:
+            raise SdcoreError(f"{component}: weight {name} is missing{where} ({len(expected)} expected, "
+                              f"{len(state)} found).")
+        if tuple(state[name].shape) != shape:
+            raise SdcoreError(f"{component}: weight {name} has shape {tuple(state[name].shape)}{where}, "
+                              f"expected {shape}.")
+    unused = sorted(set(state) - set(expected))
+    if unused:
+        raise SdcoreError(f"{component}: {len(unused)} tensor(s){where} are not weights of this model, "
+                          f"e.g. {unused[0]}.")
+    return state
+
+
+def read_config(model_dir: str | Path, component: str) -> dict:
+    path = Path(model_dir) / component / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SdcoreError(f"{path} is missing: is {model_dir} a converted sdcore model directory?") from None
+    except json.JSONDecodeError as err:
+        raise SdcoreError(f"{path} is not valid JSON ({err}).") from None
+
+
+def weight_path(model_dir: str | Path, component: str) -> Path:
+    return Path(model_dir) / component / (COMPONENTS[component][3] + ".safetensors")
+
+
+def load_component(model_dir: str | Path, component: str, dtype: str = "float32") -> tuple[dict, dict[str, np.ndarray]]:
+    """(config dict, checked state dict in `dtype`) of one component of a converted model directory."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    config = read_config(model_dir, component)
+    path = weight_path(model_dir, component)
+    if not path.exists():
+        raise SdcoreError(f"{path} is missing: is {model_dir} a converted sdcore model directory?")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SdcoreError(f"{path} cannot be read ({err}); convert the model again.") from None
+    state = {k: v.astype(dtype, copy=False) if v.dtype.kind == "f" else v for k, v in state.items()}
+    return config, check_state_dict(component, state, expected_shapes(component, config), source=str(path))
+
+
+def read_model_info(model_dir: str | Path) -> dict:
+    """The directory's sdcore.json (family, prediction type, ...)."""
+    path = Path(model_dir) / "sdcore.json"
+    if not Path(model_dir).is_dir():
+        raise SdcoreError(f"model directory {model_dir} does not exist.")
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SdcoreError(f"{model_dir} is not an sdcore model directory (no sdcore.json): convert it first with "
+                          f"`sdcore convert SRC --output DIR`.") from None
+    except json.JSONDecodeError as err:
+        raise SdcoreError(f"{path} is not valid JSON ({err}).") from None
+    if info.get("format") != 1:
+        raise SdcoreError(f"{path}: unknown format {info.get('format')!r} (this sdcore reads format 1).")
+    return info
