@@ -75,8 +75,16 @@ class CompiledModel:
         self.param_dtypes = list(param_dtypes)
         self._params: list | None = None
 
-    def set_params(self, params: dict[str, np.ndarray]) -> None:
-        """Bind weights by name. Strict: every parameter present with its exact shape, nothing extra."""
+    @property
+    def has_params(self) -> bool:
+        return self._params is not None
+
+    def set_params(self, params: dict) -> None:
+        """Bind weights by name. Strict: every parameter present with its exact shape, nothing extra.
+
+        Values are NumPy arrays (copied to the device) or device tensors (shared, not copied), so
+        several compiled shapes of one network can share one copy of its weights.
+        """
         import tvm
 
         missing = [n for n in self.param_names if n not in params]
@@ -91,7 +99,12 @@ class CompiledModel:
             array = params[name]
             if tuple(array.shape) != shape:
                 raise SdcoreError(f"weight {name}: expected shape {shape}, found {tuple(array.shape)}.")
-            bound.append(tvm.runtime.tensor(np.ascontiguousarray(array, dtype=dtype), self.device))
+            if isinstance(array, tvm.runtime.Tensor):
+                if array.dtype != dtype:
+                    raise SdcoreError(f"weight {name}: expected dtype {dtype}, found {array.dtype}.")
+                bound.append(array)
+            else:
+                bound.append(tvm.runtime.tensor(np.ascontiguousarray(array, dtype=dtype), self.device))
         self._params = bound
 
     def release_params(self) -> None:

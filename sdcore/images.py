@@ -1,0 +1,79 @@
+"""Images in and out: PIL ↔ NumPy the way diffusers' VaeImageProcessor does it, and PNG files that
+carry their generation parameters in AUTOMATIC1111's `parameters` text chunk, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from sdcore.errors import SdcoreError
+
+
+def load_image(source, what: str = "image") -> Image.Image:
+    """A PIL image from a PIL image or a path; a clear error for anything unreadable."""
+    if isinstance(source, Image.Image):
+        return source
+    try:
+        with Image.open(source) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise SdcoreError(f"{what} {source} does not exist.") from None
+    except (OSError, ValueError) as err:
+        raise SdcoreError(f"{what} {source} is not a readable image ({err}).") from None
+
+
+def image_to_array(image: Image.Image) -> np.ndarray:
+    """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1]."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
+    return (2.0 * x - 1.0).transpose(2, 0, 1)[None]  # [1, 3, H, W]
+
+
+def mask_to_array(mask: Image.Image) -> np.ndarray:
+    """Mask -> [1, 1, H, W] float32 of 0/1: grayscale ≥ 0.5 is 1 (white = repaint), as diffusers binarizes."""
+    m = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0  # [H, W]
+    return (m >= 0.5).astype(np.float32)[None, None]  # [1, 1, H, W]
+
+
+def array_to_images(x: np.ndarray) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images (clamp, ×255, round: diffusers' postprocess)."""
+    x = np.clip(x / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)  # [B, H, W, 3]
+    return [Image.fromarray(img) for img in (x * 255.0).round().astype(np.uint8)]
+
+
+def infotext(params: dict) -> str:
+    """A1111's `parameters` text: prompt, `Negative prompt: ...`, then `Key: value, ...`."""
+    lines = [params.get("prompt", "")]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    keys = [("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "guidance_scale"), ("Seed", "seed"),
+            ("Size", "size"), ("Model hash", "model_hash"), ("Model", "model"), ("Denoising strength", "strength"),
+            ("Clip skip", "clip_skip"), ("ToMe ratio", "tome_ratio"), ("Version", "version")]
+    fields = [f"{label}: {params[key]}" for label, key in keys if params.get(key) not in (None, "")]
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, params: dict | None = None) -> Path:
+    """Write `image` to `path` as PNG with the `parameters` chunk; atomic (temporary file + rename)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise SdcoreError(f"output {path} must end in .png.", exit_code=2)
+    if not path.parent.exists():
+        raise SdcoreError(f"output folder {path.parent} does not exist.", exit_code=2)
+    info = PngImagePlugin.PngInfo()
+    if params:
+        info.add_text("parameters", infotext(params))
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
