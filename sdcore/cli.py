@@ -1,4 +1,4 @@
-"""The `sdcore` command: `sdcore convert SRC --output DIR` (more subcommands arrive with the pipeline).
+"""The `sdcore` command: `convert`, `txt2img`, `img2img`, `inpaint`.
 
 Every user error ends in one line on stderr and a non-zero exit: 2 for bad arguments, 1 for bad
 input files; never a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from sdcore.errors import SdcoreError
 
@@ -43,15 +44,89 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _add_generate(sub, mode: str) -> None:
+    helps = {"txt2img": "generate images from a prompt", "img2img": "redraw an init image following a prompt",
+             "inpaint": "repaint the white area of a mask"}
+    p = sub.add_parser(mode, help=helps[mode], description=helps[mode].capitalize() + ".")
+    p.add_argument("--model", required=True, help="converted sdcore model directory (see `sdcore convert`)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=7.5)
+    p.add_argument("--sampler", default="DPM++ 2M Karras", help="e.g. 'Euler a', 'DDIM', 'DPM++ 2M Karras', 'PLMS'")
+    p.add_argument("--seed", type=int, default=None, help="random if not given; image i of a batch uses seed+i")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="diffusers' clip_skip: 1 uses the penultimate text-encoder layer (A1111's 'Clip skip: 2')")
+    if mode == "txt2img":
+        p.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's training size")
+        p.add_argument("--height", type=int, default=None)
+        p.add_argument("--latents", type=Path, help="x_T as a .npy of shape [batch, 4, height/8, width/8]")
+    else:
+        p.add_argument("--init-image", type=Path, required=True, help="the image to start from (PNG, JPEG, ...)")
+        p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else 1.0,
+                       help="0..1: how much to change; int(strength*steps) steps run")
+    if mode == "inpaint":
+        p.add_argument("--mask", type=Path, required=True, help="same size as the init image; white = repaint")
+    p.add_argument("--tome-ratio", type=float, default=0.0, help="token merging ratio (0 = off)")
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "auto"])
+    p.add_argument("--cache-dir", type=Path, default=None, help="compiled-library cache (default ~/.cache/sdcore)")
+    p.add_argument("--low-memory", action="store_true", help="free each network's weights after its stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--output", "-o", type=Path, required=True, help="PNG file (batch: FILE-0.png, FILE-1.png, ...)")
+
+
+def _run_generate(args) -> int:
+    import numpy as np
+
+    from sdcore.images import save_png
+    from sdcore.pipeline import StableDiffusion
+
+    if args.output.suffix.lower() != ".png":
+        raise SdcoreError(f"--output {args.output} must end in .png.", exit_code=2)
+    if not args.output.parent.exists():
+        raise SdcoreError(f"the folder of --output ({args.output.parent}) does not exist.", exit_code=2)
+    if args.tome_ratio:
+        raise SdcoreError("--tome-ratio is not available yet: token merging is not built into the UNet so far.",
+                          exit_code=2)
+    for attr in ("init_image", "mask"):
+        path = getattr(args, attr, None)
+        if path is not None and not path.exists():
+            raise SdcoreError(f"--{attr.replace('_', '-')} {path} does not exist.", exit_code=2)
+    latents = None
+    if getattr(args, "latents", None) is not None:
+        try:
+            latents = np.load(args.latents, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise SdcoreError(f"--latents {args.latents} is not a readable .npy file ({err}).", exit_code=2) from None
+    pipe = StableDiffusion.load(args.model, target=args.target, cache_dir=args.cache_dir, low_memory=args.low_memory)
+    common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                  sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip,
+                  progress=not args.no_progress)
+    if args.command == "txt2img":
+        result = pipe.txt2img(args.prompt, width=args.width, height=args.height, latents=latents, **common)
+    elif args.command == "img2img":
+        result = pipe.img2img(args.prompt, args.init_image, strength=args.strength, **common)
+    else:
+        result = pipe.inpaint(args.prompt, args.init_image, args.mask, strength=args.strength, **common)
+    for i, (image, params) in enumerate(zip(result.images, result.parameters)):
+        path = args.output if len(result.images) == 1 else args.output.with_name(f"{args.output.stem}-{i}.png")
+        save_png(image, path, params)
+        print(f"wrote {path} (seed {params['seed']}, {result.timings['total']:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdcore", description="Stable Diffusion in Apache TVM Relax.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log compile and cache details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_convert(sub)
+    for mode in ("txt2img", "img2img", "inpaint"):
+        _add_generate(sub, mode)
     return parser
 
 
-COMMANDS = {"convert": _run_convert}
+COMMANDS = {"convert": _run_convert, "txt2img": _run_generate, "img2img": _run_generate, "inpaint": _run_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

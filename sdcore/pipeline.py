@@ -271,6 +271,13 @@ class StableDiffusion:
                 raise SdcoreError(f"latents have shape {latents.shape}, expected {(batch_size, *lat_shape)} "
                                   f"for {width}x{height} and batch size {batch_size}.", exit_code=2)
 
+        probe = make_sampler(sampler, self.scheduler_config, steps)  # an unknown name fails before any work
+        n_steps = len(probe.timesteps)
+        t_start = 0 if mode == "txt2img" else n_steps - min(int(steps * strength), steps)
+        if mode != "txt2img" and t_start >= n_steps:
+            raise SdcoreError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
+                              f"or the number of steps.", exit_code=2)
+
         timings: dict[str, float] = {}
         start = time.perf_counter()
         cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)
@@ -279,13 +286,6 @@ class StableDiffusion:
             self.release("text_encoder")
         cfg = guidance_scale > 1.0
         seq_len = cond.shape[1]
-
-        probe = make_sampler(sampler, self.scheduler_config, steps)
-        n_steps = len(probe.timesteps)
-        t_start = 0 if mode == "txt2img" else n_steps - min(int(steps * strength), steps)
-        if mode != "txt2img" and t_start >= n_steps:
-            raise SdcoreError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
-                              f"or the number of steps.", exit_code=2)
 
         init = mask_np = None
         if init_image is not None:
