@@ -273,8 +273,9 @@ class StableDiffusion:
 
         probe = make_sampler(sampler, self.scheduler_config, steps)  # an unknown name fails before any work
         n_steps = len(probe.timesteps)
-        t_start = 0 if mode == "txt2img" else n_steps - min(int(steps * strength), steps)
-        if mode != "txt2img" and t_start >= n_steps:
+        # diffusers' get_timesteps: int(strength * steps) steps run, from index (steps - that) * order
+        t_start = 0 if mode == "txt2img" else (steps - min(int(steps * strength), steps)) * getattr(probe, "order", 1)
+        if t_start >= n_steps:
             raise SdcoreError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
                               f"or the number of steps.", exit_code=2)
 
