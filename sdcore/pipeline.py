@@ -162,7 +162,7 @@ class StableDiffusion:
         """[1, 3, H, W] in [-1, 1] -> scaled latents [1, 4, h, w], a sample of the posterior."""
         _, _, height, width = image.shape
         mean, logvar = self.vae("encode", height, width).encode(image.astype(np.float32))
-        noise = rng.standard_normal(mean.shape, dtype=np.float32)
+        noise = randn(rng, mean.shape)
         std = np.exp(0.5 * logvar)
         return (mean + std * noise).astype(np.float64) * self.scaling_factor
 
@@ -298,7 +298,7 @@ class StableDiffusion:
         samplers, xs, extras = [], [], []
         for i, rng in enumerate(rngs):
             s = make_sampler(sampler, self.scheduler_config, steps)
-            noise = rng.standard_normal(lat_shape).astype(np.float32).astype(np.float64)[None]  # [1, 4, h, w]
+            noise = randn(rng, (1, *lat_shape))  # [1, 4, h, w]
             if latents is not None:
                 noise = latents[i : i + 1]
             extra = {"noise": noise}
@@ -345,7 +345,7 @@ class StableDiffusion:
             for j, s in enumerate(samplers):
                 step_noise = None
                 if s.needs_noise:
-                    step_noise = rngs[j].standard_normal(lat_shape).astype(np.float32).astype(np.float64)[None]
+                    step_noise = randn(rngs[j], (1, *lat_shape))
                 xj = s.step(out[j : j + 1], i, x[j : j + 1], noise=step_noise)
                 if mode == "inpaint" and not self.inpainting:
                     e = extras[j]
@@ -394,6 +394,11 @@ class StableDiffusion:
             masked = init * (mask < 0.5)  # [1, 3, H, W]: the area to keep
             extra["masked"] = self.vae_encode(masked, rng)
         return x, extra
+
+
+def randn(rng: np.random.Generator, shape) -> np.ndarray:
+    """Standard normal noise: float32 draws (the same on every machine), returned as float64."""
+    return rng.standard_normal(shape, dtype=np.float32).astype(np.float64)
 
 
 def _first(out):
