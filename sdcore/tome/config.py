@@ -1,0 +1,165 @@
+"""ToMe options and the per-block plan: which transformer blocks merge, how many tokens, on which grid.
+
+Mirrors tomesd 0.1.3 (`tomesd/patch.py`: `apply_patch` for the options, `compute_merge` for the plan).
+tomesd decides everything at run time from `x.shape[1]`; sdcore compiles static shapes, so the same
+decisions are taken here, once, when the UNet is built for a latent size. Where tomesd would crash
+(a token grid its rounding cannot rebuild, a grid smaller than one stride window) or silently cap a
+ratio, this module raises SdcoreError instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from sdcore.errors import SdcoreError
+
+MAX_DOWNSAMPLES = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToMeBlockPlan:
+    """What one BasicTransformerBlock does at a given latent size.
+
+    `h`, `w` are the token grid tomesd hands to the matching (`ceil(latent / downsample)`); `tokens`
+    is the block's real sequence length N. `r` tokens are merged away, leaving `tokens - r`.
+    """
+
+    level: int  # number of 2x downsamplings above the block (0 for down_blocks.0 / up_blocks.3 in SD)
+    tokens: int
+    downsample: int  # tomesd's estimate: ceil(sqrt(latent_tokens // tokens)), not always a power of 2
+    merges: bool
+    h: int
+    w: int
+    r: int
+    use_rand: bool
+
+    @property
+    def tokens_after(self) -> int:
+        return self.tokens - self.r
+
+
+@dataclasses.dataclass(frozen=True)
+class ToMeConfig:
+    """tomesd's `apply_patch` options (same names, same defaults).
+
+    ratio: fraction of a merging block's tokens removed, 0 <= ratio <= 1 - 1/(sx*sy).
+    max_downsample: merge only in blocks whose downsampling is at most this (1, 2, 4 or 8).
+    sx, sy: destination stride; one destination token per sx-by-sy window.
+    use_rand: pick each window's destination at random (a host-side seed) instead of its top-left.
+    merge_attn / merge_crossattn / merge_mlp: which of attn1 / attn2 / ff run on merged tokens.
+    """
+
+    ratio: float = 0.5
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def max_ratio(self) -> float:
+        # One destination per window: at most N - N/(sx*sy) source tokens exist to be merged.
+        # tomesd documents this bound and silently caps r at the source count above it.
+        return 1.0 - 1.0 / (self.sx * self.sy)
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio > 0 and (self.merge_attn or self.merge_crossattn or self.merge_mlp)
+
+    def validate(self) -> "ToMeConfig":
+        for name in ("sx", "sy", "max_downsample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SdcoreError(f"ToMe {name} must be an integer, got {value!r}.")
+        if self.sx < 1 or self.sy < 1:
+            raise SdcoreError(f"ToMe stride sx={self.sx}, sy={self.sy} must be at least 1.")
+        if self.max_downsample not in MAX_DOWNSAMPLES:
+            raise SdcoreError(
+                f"ToMe max_downsample={self.max_downsample} is not supported: use one of {MAX_DOWNSAMPLES}."
+            )
+        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise SdcoreError(f"ToMe {name} must be true or false, got {getattr(self, name)!r}.")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or math.isnan(self.ratio):
+            raise SdcoreError(f"ToMe ratio must be a number, got {self.ratio!r}.")
+        if self.ratio < 0:
+            raise SdcoreError(f"ToMe ratio {self.ratio} is negative: use 0 (off) up to {self.max_ratio:g}.")
+        if self.ratio > self.max_ratio:
+            raise SdcoreError(
+                f"ToMe ratio {self.ratio} is above the maximum {self.max_ratio:g} for a {self.sx}x{self.sy} "
+                f"stride (one token in {self.sx * self.sy} must stay a destination): lower the ratio or "
+                "enlarge sx/sy."
+            )
+        return self
+
+    def plan_for_tokens(self, latent_size: tuple[int, int], tokens: int, batch_size: int,
+                        level: int = -1) -> ToMeBlockPlan:
+        """The plan for a block of `tokens` tokens in a UNet run on latents of `latent_size` (h, w).
+
+        Exactly tomesd's `compute_merge`: downsample = ceil(sqrt(h*w // N)); the block merges when
+        that is <= max_downsample and r = int(N * ratio) > 0, on a grid of ceil(h/ds) x ceil(w/ds).
+        An odd batch turns use_rand off, as in tomesd (a batch with cond and uncond halves is even).
+        """
+        latent_h, latent_w = latent_size
+        downsample = int(math.ceil(math.sqrt((latent_h * latent_w) // tokens)))
+        h = int(math.ceil(latent_h / downsample))
+        w = int(math.ceil(latent_w / downsample))
+        r = int(tokens * self.ratio)
+        merges = self.enabled and downsample <= self.max_downsample and r > 0
+        use_rand = self.use_rand and batch_size % 2 == 0
+        if merges:
+            if h * w != tokens:
+                # tomesd's rounding rebuilds a different grid than the UNet's; it fails in a gather.
+                raise SdcoreError(
+                    f"ToMe cannot merge the {tokens}-token block (level {level}) of a {latent_h}x{latent_w} "
+                    f"latent: tomesd's grid estimate {h}x{w} does not match; lower max_downsample."
+                )
+            num_dst = (h // self.sy) * (w // self.sx)
+            if num_dst == 0:
+                raise SdcoreError(
+                    f"ToMe cannot merge the {h}x{w}-token block (level {level}) of a {latent_h}x{latent_w} "
+                    f"latent: it is smaller than one {self.sx}x{self.sy} window; lower max_downsample."
+                )
+            if r > tokens - num_dst:
+                raise SdcoreError(
+                    f"ToMe ratio {self.ratio} asks to merge {r} of {tokens} tokens, but only "
+                    f"{tokens - num_dst} are sources on the {h}x{w} grid; lower the ratio."
+                )
+        return ToMeBlockPlan(level=level, tokens=tokens, downsample=downsample, merges=merges,
+                             h=h, w=w, r=r if merges else 0, use_rand=use_rand)
+
+    def plan_for_level(self, latent_size: tuple[int, int], level: int, batch_size: int) -> ToMeBlockPlan:
+        """The plan for a transformer block `level` 2x-downsamplings below the latent.
+
+        The UNet's stride-2, padding-1 convolutions give a ceil(h / 2**level) x ceil(w / 2**level) grid.
+        """
+        if level < 0:
+            raise SdcoreError(f"ToMe downsample level must be >= 0, got {level}.")
+        grid_h, grid_w = latent_size
+        for _ in range(level):
+            grid_h, grid_w = (grid_h + 1) // 2, (grid_w + 1) // 2
+        return self.plan_for_tokens(latent_size, grid_h * grid_w, batch_size, level=level)
+
+    def describe(self, latent_size: tuple[int, int], blocks: Sequence[tuple[str, int]], batch_size: int) -> str:
+        """One line for the compile log, e.g. "ToMe 0.5 (2x2, random dst; attn1): down_blocks.0 4096 → 2048
+        tokens, up_blocks.3 4096 → 2048 tokens". `blocks` are (name, level) pairs; repeats are listed once."""
+        parts = [f"{self.sx}x{self.sy}"]
+        parts.append("random dst" if self.use_rand and batch_size % 2 == 0 else "top-left dst")
+        parts.append("+".join(n for n, on in (("attn1", self.merge_attn), ("attn2", self.merge_crossattn),
+                                              ("ff", self.merge_mlp)) if on) or "nothing")
+        head = f"ToMe {self.ratio:g} ({', '.join(parts)})"
+        seen = {}
+        for name, level in blocks:
+            plan = self.plan_for_level(latent_size, level, batch_size)
+            if plan.merges and name not in seen:
+                seen[name] = f"{name} {plan.tokens} → {plan.tokens_after} tokens"
+        if not seen:
+            return f"{head}: no block merges at latent {latent_size[0]}x{latent_size[1]}"
+        return f"{head}: " + ", ".join(seen.values())
