@@ -151,11 +151,14 @@ def build(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     debug: bool = False,
+    schedule: bool = True,
 ) -> CompiledModel:
     """Export `module` with `spec`, build it for `target` (cached on disk) and return a CompiledModel.
 
     `name` only labels the log line and the cache file; the key is the exported code itself.
     `debug=True` passes `debug=True` to export_tvm (effects, intermediate outputs are the caller's).
+    `schedule=False` builds with TVM's default pipeline (unscheduled loops), the reference the
+    schedule tests compare against.
     """
     import tvm
     from tvm import relax
@@ -175,7 +178,7 @@ def build(
             "target": str(target),
             "tvm": tvm.__version__,
             "sdcore": sdcore.__version__,
-            "pipeline": "default-v1",
+            "pipeline": pipeline_id(target, schedule),
         },
         sort_keys=True,
     )
@@ -193,7 +196,7 @@ def build(
 
     if lib is None:
         start = time.perf_counter()
-        executable = relax.build(ir_mod, target=target)
+        executable = relax.build(ir_mod, target=target, relax_pipeline=relax_pipeline(target, schedule))
         seconds = time.perf_counter() - start
         logger.info("compiled %s for %s in %.1f s", name, target.kind.name, seconds)
         if use_cache:
@@ -203,6 +206,40 @@ def build(
             lib = executable
     vm = relax.VirtualMachine(lib, device)
     return CompiledModel(vm, device, param_names, param_shapes, param_dtypes)
+
+
+def relax_pipeline(target, schedule: bool = True):
+    """The Relax pipeline for `target`: on llvm, TVM's CPU pipeline with sdcore's schedule rules
+    applied right after FuseTIR (TVM's own leaves every loop serial and unvectorized)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    if not schedule or target.kind.name != "llvm":
+        return "default"
+    from sdcore.schedule import schedule_cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="SdcoreCPUPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + [schedule_cpu()]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )(mod)
+
+    return _pipeline
+
+
+def pipeline_id(target, schedule: bool = True) -> str:
+    """Names the pipeline in the cache key; the schedule rules' source is part of it, so editing a
+    rule invalidates the libraries built with the old one."""
+    if not schedule or target.kind.name != "llvm":
+        return "default-v1"
+    from sdcore.schedule import cpu as rules
+
+    return "cpu-schedule-" + hashlib.sha256(Path(rules.__file__).read_bytes()).hexdigest()[:16]
 
 
 def _load_cached(lib_path: Path, meta_path: Path):

@@ -111,7 +111,9 @@ class StableDiffusion:
                                              cache_dir=self.cache_dir)
         compiled = self._compiled[full_key]
         if not compiled.has_params:
-            compiled.set_params(self._weights(component))
+            state = self._weights(component)
+            # a VAE built for one function holds only that half's weights
+            compiled.set_params({name: state[name] for name in compiled.param_names if name in state})
         return compiled
 
     def text_encoder(self, clip_skip: int | None):
@@ -140,7 +142,7 @@ class StableDiffusion:
         config = self.configs["vae"]
         return self._network(
             "vae", (function, height, width),
-            lambda: weights.build_module("vae", config),
+            lambda: weights.build_module("vae", config, functions=(function,)),
             lambda m: vae_spec(m.config, batch=1, height=height, width=width, functions=(function,)),
             f"vae-{function}-{height}x{width}")
 
@@ -152,7 +154,12 @@ class StableDiffusion:
         pos, neg = prompts.prompt_windows(self.tokenizer, prompt, negative_prompt)
         encoder = self.text_encoder(clip_skip)
 
+        vocab = int(self.configs["text_encoder"]["vocab_size"])
+
         def run(windows):
+            if int(np.max(windows)) >= vocab:
+                raise SdcoreError(f"the tokenizer in {self.model_dir / 'tokenizer'} produced token id "
+                                  f"{int(np.max(windows))}, beyond the text encoder's {vocab}-token vocabulary.")
             states = [_first(encoder.forward(w[None].astype(np.int32))) for w in windows]  # k × [1, 77, C]
             return np.concatenate(states, axis=1)  # [1, 77·k, C]
 
@@ -274,7 +281,7 @@ class StableDiffusion:
         probe = make_sampler(sampler, self.scheduler_config, steps)  # an unknown name fails before any work
         n_steps = len(probe.timesteps)
         # diffusers' get_timesteps: int(strength * steps) steps run, from index (steps - that) * order
-        t_start = 0 if mode == "txt2img" else (steps - min(int(steps * strength), steps)) * getattr(probe, "order", 1)
+        t_start = 0 if mode == "txt2img" or (mode == "inpaint" and strength >= 1.0) else probe.img2img_start(strength)
         if t_start >= n_steps:
             raise SdcoreError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
                               f"or the number of steps.", exit_code=2)
@@ -406,5 +413,5 @@ def _first(out):
 
 
 def _check_strength(strength: float) -> None:
-    if not 0.0 <= strength <= 1.0:
-        raise SdcoreError(f"strength must be between 0 and 1, got {strength}.", exit_code=2)
+    if not 0.0 < strength <= 1.0:
+        raise SdcoreError(f"strength must be greater than 0 and at most 1, got {strength}.", exit_code=2)

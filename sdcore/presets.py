@@ -72,25 +72,25 @@ PRESETS = {
         "text_encoder": dict(_SD1_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                              num_attention_heads=16, hidden_act="gelu", projection_dim=512),
     },
-    # Same block pattern, tiny widths: every code path of the full models, in seconds.
+    # Same block pattern, tiny widths: every code path of the full models, in seconds. The sizes obey
+    # what a single-file checkpoint leaves implicit (32 norm groups, SD1's 8 heads, SD2's and CLIP's
+    # 64-wide heads), so these round-trip through the original single-file layout too.
     "tiny-sd1": {
         "family": "sd1",
         "unet": dict(_SD_UNET, sample_size=8, block_out_channels=[32, 64, 64, 64], layers_per_block=1,
-                     norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2),
-        "vae": dict(_SD_VAE, sample_size=64, block_out_channels=[16, 16, 32, 32], layers_per_block=1,
-                    norm_num_groups=8),
-        "text_encoder": dict(_SD1_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, projection_dim=32),
+                     cross_attention_dim=64, attention_head_dim=8),
+        "vae": dict(_SD_VAE, sample_size=64, block_out_channels=[32, 32, 64, 64], layers_per_block=1),
+        "text_encoder": dict(_SD1_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=1, projection_dim=64),
     },
     "tiny-sd2": {
         "family": "sd2",
-        "unet": dict(_SD_UNET, sample_size=8, block_out_channels=[32, 64, 64, 64], layers_per_block=1,
-                     norm_num_groups=8, cross_attention_dim=48, attention_head_dim=[2, 4, 4, 4],
+        "unet": dict(_SD_UNET, sample_size=8, block_out_channels=[64, 64, 64, 64], layers_per_block=1,
+                     cross_attention_dim=64, attention_head_dim=[1, 1, 1, 1],
                      use_linear_projection=True, upcast_attention=True),
-        "vae": dict(_SD_VAE, sample_size=64, block_out_channels=[16, 16, 32, 32], layers_per_block=1,
-                    norm_num_groups=8),
-        "text_encoder": dict(_SD1_TEXT, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=3, hidden_act="gelu", projection_dim=48),
+        "vae": dict(_SD_VAE, sample_size=64, block_out_channels=[32, 32, 64, 64], layers_per_block=1),
+        "text_encoder": dict(_SD1_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=1, hidden_act="gelu", projection_dim=64),
     },
 }
 

@@ -49,7 +49,7 @@ def build_module(component: str, config: dict, **kwargs):
 def expected_shapes(component: str, config: dict) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape that the sdcore module of `component` has for `config`."""
     module = build_module(component, config)
-    return {name: tuple(int(s) for s in p.shape) for name, p in module.named_parameters().items()}
+    return {name: tuple(int(s) for s in p.shape) for name, p in module.named_parameters()}
 
 
 def check_state_dict(component: str, state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],

@@ -65,7 +65,8 @@ def write_single_file(out: Path, preset_name: str, inpainting: bool, seed: int, 
     from original_format import to_original  # the test suite's diffusers -> original writer
 
     p, unet, vae, text_encoder = build_models(preset_name, inpainting, seed)
-    state = to_original(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), family=p["family"])
+    state = to_original(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), family=p["family"],
+                        unet_config=unet.config, vae_config=vae.config, text_config=text_encoder.config)
     if fmt == "safetensors":
         from safetensors.torch import save_file
 

@@ -47,7 +47,7 @@ _DIFFUSERS_FILES = {
             "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin"],
     "text_encoder": ["model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin"],
 }
-_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclasses.dataclass
@@ -129,16 +129,21 @@ def _from_diffusers(src: Path, prediction_type: str | None) -> Converted:
         with open(found[0], "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
+        if name == "text_encoder":
+            # transformers 5 saves CLIPTextModel without the "text_model." level that 4.x and the
+            # published SD checkpoints have; sdcore's names keep it
+            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
         components[name] = (_clean_config(config), state)
         notes.append(f"{name}: {found[0].name} ({len(state)} tensors)")
 
-    for f in ("vocab.json", "merges.txt"):
-        if not (src / "tokenizer" / f).exists():
-            raise SdcoreError(f"{src / 'tokenizer' / f} is missing.")
+    from sdcore.tokenizer import CLIPTokenizer
+
+    CLIPTokenizer.from_dir(src / "tokenizer")  # vocab.json + merges.txt or tokenizer.json, validated here
 
     unet_config = components["unet"][0]
-    text_width = components["text_encoder"][0].get("hidden_size")
-    family = "sd2" if text_width == 1024 else "sd1"
+    # SD2.x's OpenCLIP text tower is the one with plain gelu (SD1.x's OpenAI CLIP uses quick_gelu)
+    text_config = components["text_encoder"][0]
+    family = "sd2" if text_config.get("hidden_act") == "gelu" or text_config.get("hidden_size") == 1024 else "sd1"
     inpainting = unet_config.get("in_channels") == 9
     scheduler_path = src / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path) if scheduler_path.exists() else dict(DEFAULT_SCHEDULER)

@@ -34,6 +34,8 @@ class ToMeBlockPlan:
     w: int
     r: int
     use_rand: bool
+    # The random destination input's shape, (h // sy, w // sx, 1), when the block merges with use_rand.
+    rand_shape: tuple[int, int, int] | None = None
 
     @property
     def tokens_after(self) -> int:
@@ -132,8 +134,9 @@ class ToMeConfig:
                     f"ToMe ratio {self.ratio} asks to merge {r} of {tokens} tokens, but only "
                     f"{tokens - num_dst} are sources on the {h}x{w} grid; lower the ratio."
                 )
+        rand_shape = (h // self.sy, w // self.sx, 1) if merges and use_rand else None
         return ToMeBlockPlan(level=level, tokens=tokens, downsample=downsample, merges=merges,
-                             h=h, w=w, r=r if merges else 0, use_rand=use_rand)
+                             h=h, w=w, r=r if merges else 0, use_rand=use_rand, rand_shape=rand_shape)
 
     def plan_for_level(self, latent_size: tuple[int, int], level: int, batch_size: int) -> ToMeBlockPlan:
         """The plan for a transformer block `level` 2x-downsamplings below the latent.
@@ -146,6 +149,44 @@ class ToMeConfig:
         for _ in range(level):
             grid_h, grid_w = (grid_h + 1) // 2, (grid_w + 1) // 2
         return self.plan_for_tokens(latent_size, grid_h * grid_w, batch_size, level=level)
+
+    def tag(self) -> str:
+        """The options that change the compiled graph, as a short label for build names and logs,
+        e.g. "tome0.5-md1-2x2-rand-attn1"; "" when ToMe is off (the plain graph).
+
+        The compile cache keys on the exported IR, which already differs with every option that
+        changes the graph; this only makes cache file names and log lines readable.
+        """
+        if not self.enabled:
+            return ""
+        merges = "+".join(n for n, on in (("attn1", self.merge_attn), ("attn2", self.merge_crossattn),
+                                          ("ff", self.merge_mlp)) if on)
+        return (f"tome{self.ratio:g}-md{self.max_downsample}-{self.sx}x{self.sy}-"
+                f"{'rand' if self.use_rand else 'topleft'}-{merges}")
+
+    def plan_blocks(self, latent_size: tuple[int, int], blocks: Sequence[tuple[str, int]],
+                    batch_size: int) -> list[tuple[str, ToMeBlockPlan]]:
+        """(name, plan) for every transformer block, given as (name, token count) in execution order;
+        [] when ToMe is off."""
+        if not self.enabled:
+            return []
+        return [(name, self.plan_for_tokens(latent_size, tokens, batch_size)) for name, tokens in blocks]
+
+    def random_indices(self, plans: Sequence[tuple[str, ToMeBlockPlan]], seed: int | Sequence[int]):
+        """The random destinations of every block that merges with use_rand, flattened and concatenated
+        in execution order: the compiled UNet's int32 `tome_rand` input, or None when it has none.
+
+        Block i draws from `(*seed, i)`, so each block gets its own choice, as tomesd's generator
+        gives; pass e.g. (seed, step) to vary it per sampling step as well.
+        """
+        import numpy as np
+
+        from sdcore.tome.reference import random_destination_indices
+
+        seed = (seed,) if isinstance(seed, int) else tuple(seed)
+        parts = [random_destination_indices((*seed, i), plan.h, plan.w, self.sx, self.sy).reshape(-1)
+                 for i, (_, plan) in enumerate(plans) if plan.rand_shape is not None]
+        return np.concatenate(parts) if parts else None
 
     def describe(self, latent_size: tuple[int, int], blocks: Sequence[tuple[str, int]], batch_size: int) -> str:
         """One line for the compile log, e.g. "ToMe 0.5 (2x2, random dst; attn1): down_blocks.0 4096 → 2048
@@ -163,3 +204,14 @@ class ToMeConfig:
         if not seen:
             return f"{head}: no block merges at latent {latent_size[0]}x{latent_size[1]}"
         return f"{head}: " + ", ".join(seen.values())
+
+
+def log_lines(plans: Sequence[tuple[str, ToMeBlockPlan]]) -> list[str]:
+    """One line per merging block, e.g. "down_blocks.0.attentions.0.transformer_blocks.0: 4096 -> 2048
+    tokens"; blocks that do not merge are not listed."""
+    return [f"{name}: {plan.tokens} -> {plan.tokens_after} tokens" for name, plan in plans if plan.merges]
+
+
+def random_input_size(plans: Sequence[tuple[str, ToMeBlockPlan]]) -> int:
+    """Length of the compiled UNet's `tome_rand` input (0: the function takes none)."""
+    return sum(math.prod(plan.rand_shape) for _, plan in plans if plan.rand_shape is not None)

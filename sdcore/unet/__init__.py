@@ -6,11 +6,13 @@ only when asked for (`from sdcore.unet.model import ...`, or the lazy names belo
 
 from sdcore.unet.config import UNetConfig
 
-__all__ = ["UNetConfig", "UNet2DConditionModel", "unet_spec", "parity_layer_names"]
+_LAZY = ("UNet2DConditionModel", "unet_spec", "parity_layer_names", "transformer_blocks", "tome_plans",
+         "unet_tome_inputs")
+__all__ = ["UNetConfig", *_LAZY]
 
 
 def __getattr__(name):
-    if name in ("UNet2DConditionModel", "unet_spec", "parity_layer_names"):
+    if name in _LAZY:
         from sdcore.unet import model
 
         return getattr(model, name)

@@ -13,6 +13,7 @@ Tensors are NCHW between blocks and [B, N, C] (tokens) inside the transformer, a
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from tvm import relax
 from tvm.relax.frontend import nn
@@ -20,6 +21,9 @@ from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.core import wrap_nested
 
 from sdcore.ops import attention
+
+if TYPE_CHECKING:
+    from sdcore.tome.patch import ToMeInfo
 
 # ----------------------------------------------------------------------------------------------
 # time embedding
@@ -200,6 +204,10 @@ class _NoWeights(nn.Module):
         return x
 
 
+def _do_nothing(x: nn.Tensor) -> nn.Tensor:
+    return x
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm self-attention, cross-attention and GEGLU MLP, each with a residual.
 
@@ -220,18 +228,25 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=1e-5, dtype=dtype)
         self.ff = FeedForward(dim, dtype=dtype)
 
-    def forward(self, hidden_states: nn.Tensor, encoder_hidden_states: nn.Tensor) -> nn.Tensor:
-        # Three residual steps, each norm -> layer -> add: token merging (ToMe) merges the normed
-        # tokens before a layer and unmerges its output before the residual add.
+    def forward(self, hidden_states: nn.Tensor, encoder_hidden_states: nn.Tensor,
+                tome: ToMeInfo | None = None) -> nn.Tensor:
+        # Three residual steps, each norm -> layer -> add. With token merging (ToMe; tomesd's
+        # make_diffusers_tome_block) the normed tokens are merged before a layer, [B, N, C] ->
+        # [B, N - r, C], and its output unmerged before the residual add; the matching is computed
+        # once, from the block's input.
+        if tome is not None:
+            m_a, m_c, m_m, u_a, u_c, u_m = tome.compute_merge(hidden_states)
+        else:
+            m_a = m_c = m_m = u_a = u_c = u_m = _do_nothing
         attn1_context = encoder_hidden_states if self.only_cross_attention else None
-        norm_hidden_states = self.norm1(hidden_states)
-        hidden_states = self.attn1(norm_hidden_states, attn1_context) + hidden_states
+        norm_hidden_states = m_a(self.norm1(hidden_states))
+        hidden_states = u_a(self.attn1(norm_hidden_states, attn1_context)) + hidden_states
 
-        norm_hidden_states = self.norm2(hidden_states)
-        hidden_states = self.attn2(norm_hidden_states, encoder_hidden_states) + hidden_states
+        norm_hidden_states = m_c(self.norm2(hidden_states))
+        hidden_states = u_c(self.attn2(norm_hidden_states, encoder_hidden_states)) + hidden_states
 
-        norm_hidden_states = self.norm3(hidden_states)
-        hidden_states = self.ff(norm_hidden_states) + hidden_states
+        norm_hidden_states = m_m(self.norm3(hidden_states))
+        hidden_states = u_m(self.ff(norm_hidden_states)) + hidden_states
         return hidden_states
 
 
@@ -261,7 +276,8 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)
         ])
 
-    def forward(self, hidden_states: nn.Tensor, encoder_hidden_states: nn.Tensor) -> nn.Tensor:
+    def forward(self, hidden_states: nn.Tensor, encoder_hidden_states: nn.Tensor,
+                tome: ToMeInfo | None = None) -> nn.Tensor:
         b, _, h, w = hidden_states.shape
         residual = hidden_states
         hidden_states = self.norm(hidden_states)
@@ -272,7 +288,7 @@ class Transformer2DModel(nn.Module):
         if self.use_linear_projection:
             hidden_states = self.proj_in(hidden_states)
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states)
+            hidden_states = block(hidden_states, encoder_hidden_states, tome=tome)
         if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)
         c = hidden_states.shape[2]
@@ -313,11 +329,12 @@ class CrossAttnDownBlock2D(nn.Module):
         self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, downsample_padding, dtype)])
                              if add_downsample else None)
 
-    def forward(self, hidden_states: nn.Tensor, temb: nn.Tensor, encoder_hidden_states: nn.Tensor):
+    def forward(self, hidden_states: nn.Tensor, temb: nn.Tensor, encoder_hidden_states: nn.Tensor,
+                tome: ToMeInfo | None = None):
         skips = []
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states = resnet(hidden_states, temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states)
+            hidden_states = attn(hidden_states, encoder_hidden_states, tome=tome)
             skips.append(hidden_states)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)
@@ -371,10 +388,11 @@ class UNetMidBlock2DCrossAttn(nn.Module):
                                cross_attention_dim, groups, use_linear_projection, False, upcast_attention, dtype)
         ])
 
-    def forward(self, hidden_states: nn.Tensor, temb: nn.Tensor, encoder_hidden_states: nn.Tensor) -> nn.Tensor:
+    def forward(self, hidden_states: nn.Tensor, temb: nn.Tensor, encoder_hidden_states: nn.Tensor,
+                tome: ToMeInfo | None = None) -> nn.Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attn(hidden_states, encoder_hidden_states)
+            hidden_states = attn(hidden_states, encoder_hidden_states, tome=tome)
             hidden_states = resnet(hidden_states, temb)
         return hidden_states
 
@@ -439,12 +457,13 @@ class CrossAttnUpBlock2D(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, dtype)]) if add_upsample else None
 
     def forward(self, hidden_states: nn.Tensor, res_hidden_states_tuple: tuple, temb: nn.Tensor,
-                encoder_hidden_states: nn.Tensor, upsample_size: tuple[int, int] | None = None) -> nn.Tensor:
+                encoder_hidden_states: nn.Tensor, upsample_size: tuple[int, int] | None = None,
+                tome: ToMeInfo | None = None) -> nn.Tensor:
         skips = list(res_hidden_states_tuple)
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states = op.concat([hidden_states, skips.pop()], dim=1)  # [B, C + C_skip, H, W]
             hidden_states = resnet(hidden_states, temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states)
+            hidden_states = attn(hidden_states, encoder_hidden_states, tome=tome)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)
         return hidden_states

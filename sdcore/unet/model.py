@@ -5,6 +5,11 @@ paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Mo
 
 One forward pass predicts the noise (or v) for a batch of latents. Classifier-free guidance is only
 the batch dimension (2N rows: unconditional and conditional); the guidance math stays on the host.
+
+Token merging (ToMe, `sdcore/tome/`) is an option of the built graph: `UNet2DConditionModel(config,
+tome=ToMeConfig(...))` merges tokens in the transformer blocks that tomesd would patch, with the
+per-block plan fixed by the latent size; with use_rand, the random destinations are the extra int32
+input `tome_rand` (`unet_tome_inputs` draws it on the host from a seed).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from sdcore.errors import SdcoreError
+from sdcore.tome.config import ToMeBlockPlan, ToMeConfig, random_input_size
 from sdcore.unet.blocks import (
     CrossAttnDownBlock2D,
     CrossAttnUpBlock2D,
@@ -28,14 +34,17 @@ from sdcore.unet.config import UNetConfig
 class UNet2DConditionModel(nn.Module):
     """diffusers `UNet2DConditionModel` with the SD block pattern; parameter names equal diffusers' keys.
 
-    forward(sample [B, in_channels, h, w], timestep [B] float32, encoder_hidden_states [B, S, D])
-    -> noise prediction [B, out_channels, h, w].
+    forward(sample [B, in_channels, h, w], timestep [B] float32, encoder_hidden_states [B, S, D],
+    tome_rand [K] int32 (only with ToMe's use_rand, see `unet_spec`)) -> noise prediction [B, out_channels, h, w].
+
+    `tome`: token merging options; None or a ratio of 0 builds the plain graph.
     """
 
-    def __init__(self, config: UNetConfig, dtype: str = "float32"):
+    def __init__(self, config: UNetConfig, dtype: str = "float32", tome: ToMeConfig | None = None):
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.tome = tome if tome is not None and tome.enabled else None
         c = config
         channels = c.block_out_channels
         groups, eps, ted = c.norm_num_groups, c.norm_eps, c.time_embed_dim
@@ -89,7 +98,20 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2D(channels[0], c.out_channels, c.conv_out_kernel,
                                   padding=(c.conv_out_kernel - 1) // 2, dtype=dtype)
 
-    def forward(self, sample: nn.Tensor, timestep: nn.Tensor, encoder_hidden_states: nn.Tensor) -> nn.Tensor:
+    def forward(self, sample: nn.Tensor, timestep: nn.Tensor, encoder_hidden_states: nn.Tensor,
+                tome_rand: nn.Tensor | None = None) -> nn.Tensor:
+        # 0. ToMe: what each transformer block merges at this latent size (tomesd's forward pre-hook
+        # records the size; here it is static)
+        tome = None
+        batch, _, height, width = (int(s) for s in sample.shape)
+        plans = tome_plans(self.config, self.tome, batch, height, width)
+        if any(plan.merges for _, plan in plans):
+            from sdcore.tome.patch import ToMeInfo
+
+            tome = ToMeInfo(self.tome, plans, tome_rand)
+        elif tome_rand is not None:
+            raise SdcoreError("tome_rand given, but no transformer block merges tokens.")
+
         # 1. time: sinusoidal features in float32, then the embedding MLP in the model's dtype
         t_emb = self.time_proj(timestep).astype(self.dtype)  # [B, C0]
         emb = self.time_embedding(t_emb)  # [B, time_embed_dim]
@@ -99,13 +121,13 @@ class UNet2DConditionModel(nn.Module):
         down_block_res_samples = [sample]
         for block in self.down_blocks:
             if block.has_cross_attention:
-                sample, res_samples = block(sample, emb, encoder_hidden_states)
+                sample, res_samples = block(sample, emb, encoder_hidden_states, tome=tome)
             else:
                 sample, res_samples = block(sample, emb)
             down_block_res_samples.extend(res_samples)
 
         # 3. mid
-        sample = self.mid_block(sample, emb, encoder_hidden_states)
+        sample = self.mid_block(sample, emb, encoder_hidden_states, tome=tome)
 
         # 4. up, each block consuming as many skips as it has resnets
         for i, block in enumerate(self.up_blocks):
@@ -118,9 +140,12 @@ class UNet2DConditionModel(nn.Module):
             if i < len(self.up_blocks) - 1:
                 upsample_size = tuple(down_block_res_samples[-1].shape[2:])
             if block.has_cross_attention:
-                sample = block(sample, res_samples, emb, encoder_hidden_states, upsample_size)
+                sample = block(sample, res_samples, emb, encoder_hidden_states, upsample_size, tome=tome)
             else:
                 sample = block(sample, res_samples, emb, upsample_size)
+
+        if tome is not None:
+            tome.finish()
 
         # 5. out
         sample = op.silu(self.conv_norm_out(sample))
@@ -128,22 +153,71 @@ class UNet2DConditionModel(nn.Module):
 
 
 def unet_spec(config: UNetConfig, batch: int, height: int, width: int, seq_len: int = 77,
-              dtype: str = "float32") -> dict:
+              dtype: str = "float32", tome: ToMeConfig | None = None) -> dict:
     """Export spec of `forward` for static shapes; height/width are latent sizes (image size / 8).
 
-    seq_len is 77 per prompt chunk (long prompts: 154, 231, ...); batch is 2N with guidance.
+    seq_len is 77 per prompt chunk (long prompts: 154, 231, ...); batch is 2N with guidance. With a
+    ToMe that merges with random destinations, forward also takes `tome_rand` (int32 [K]).
     """
     if min(batch, height, width, seq_len) < 1:
         raise SdcoreError(f"UNet shapes must be positive: batch {batch}, latent {height}x{width}, "
                           f"sequence {seq_len}.")
-    return {
-        "forward": {
-            "sample": nn.spec.Tensor([batch, config.in_channels, height, width], dtype),
-            "timestep": nn.spec.Tensor([batch], "float32"),
-            "encoder_hidden_states": nn.spec.Tensor([batch, seq_len, config.cross_attention_dims[0]], dtype),
-            "$": {"param_mode": "plain", "effect_mode": "none"},
-        }
+    spec = {
+        "sample": nn.spec.Tensor([batch, config.in_channels, height, width], dtype),
+        "timestep": nn.spec.Tensor([batch], "float32"),
+        "encoder_hidden_states": nn.spec.Tensor([batch, seq_len, config.cross_attention_dims[0]], dtype),
     }
+    rand_size = random_input_size(tome_plans(config, tome, batch, height, width))
+    if rand_size:
+        spec["tome_rand"] = nn.spec.Tensor([rand_size], "int32")
+    return {"forward": dict(spec, **{"$": {"param_mode": "plain", "effect_mode": "none"}})}
+
+
+def transformer_blocks(config: UNetConfig, height: int, width: int) -> list[tuple[str, int]]:
+    """Every BasicTransformerBlock as (name, token count) in execution order, for a latent of
+    height x width: the grid of down level i is the latent after i stride-2 downsamplers, and the
+    mid block and up_blocks.i run on the grids of levels num_blocks - 1 and num_blocks - 1 - i."""
+    sizes = [(height, width)]
+    for _ in range(config.num_blocks - 1):
+        h, w = sizes[-1]
+        if config.downsample_padding == 0:  # pad right/bottom by one, then an unpadded 3x3 stride-2 conv
+            sizes.append((h // 2, w // 2))
+        else:  # 3x3 stride-2 conv with padding p (1 in SD)
+            p = config.downsample_padding
+            sizes.append(((h + 2 * p - 3) // 2 + 1, (w + 2 * p - 3) // 2 + 1))
+    last = config.num_blocks - 1
+    blocks = []
+    for name in parity_layer_names(config):
+        if ".transformer_blocks." not in name:
+            continue
+        stage, index = name.split(".")[:2]
+        if stage == "down_blocks":
+            level = int(index)
+        elif stage == "up_blocks":
+            level = last - int(index)
+        else:  # mid_block
+            level = last
+        blocks.append((name, sizes[level][0] * sizes[level][1]))
+    return blocks
+
+
+def tome_plans(config: UNetConfig, tome: ToMeConfig | None, batch: int, height: int,
+               width: int) -> list[tuple[str, ToMeBlockPlan]]:
+    """(name, plan) of every transformer block for this shape, in execution order; [] without ToMe.
+
+    Raises SdcoreError where ToMe cannot merge a block at this size (see ToMeConfig.plan_for_tokens).
+    """
+    if tome is None or not tome.enabled:
+        return []
+    return tome.plan_blocks((height, width), transformer_blocks(config, height, width), batch)
+
+
+def unet_tome_inputs(config: UNetConfig, tome: ToMeConfig | None, batch: int, height: int, width: int,
+                     seed) -> tuple:
+    """The extra inputs of the compiled forward: (tome_rand,) with random destinations drawn from
+    `seed` (an int or a tuple such as (seed, step)), or () when the graph takes none."""
+    rand = tome.random_indices(tome_plans(config, tome, batch, height, width), seed) if tome else None
+    return () if rand is None else (rand,)
 
 
 def parity_layer_names(config: UNetConfig, *, detail: bool = True) -> list[str]:

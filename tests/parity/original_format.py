@@ -190,3 +190,23 @@ def open_clip_block_shapes(hidden: int, inner: int) -> dict[str, tuple[int, ...]
         "mlp.c_fc.weight": (inner, hidden), "mlp.c_fc.bias": (inner,),
         "mlp.c_proj.weight": (hidden, inner), "mlp.c_proj.bias": (hidden,),
     }
+
+
+def to_original(unet_state, vae_state, text_state, *, family: str, unet_config, vae_config,
+                text_config, seed: int = 4) -> dict[str, torch.Tensor]:
+    """A whole single-file checkpoint (UNet, VAE, text encoder, schedule buffers) of one family.
+
+    SD2.x's unused last open_clip block and projection head get seeded random values.
+    """
+    ckpt = {k: v for k, v in schedule_buffers().items()}
+    ckpt.update(unet_to_original(unet_state, unet_config))
+    ckpt.update(vae_to_original(vae_state, vae_config))
+    if family == "sd1":
+        ckpt.update(clip_to_original(text_state))
+        return ckpt
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inner = text_config.hidden_size, text_config.intermediate_size
+    last = {k: torch.randn(s, generator=generator) for k, s in open_clip_block_shapes(hidden, inner).items()}
+    head = {"text_projection": torch.randn((hidden, hidden), generator=generator), "logit_scale": torch.tensor(4.6)}
+    ckpt.update(open_clip_to_original(text_state, last, head))
+    return ckpt

@@ -1,0 +1,305 @@
+"""Hand-written CPU schedule rules, in the style of TVM's dlight rules, for the fused TIR functions.
+
+TVM 0.27's `relax.build` for an llvm target legalizes and fuses the graph but schedules nothing:
+every loop nest runs serial and unvectorized, as written by the legalizer (about 2 GFLOP/s). The
+rules here run after FuseTIR and give each PrimFunc a schedule without any tuning:
+
+- `Matmul`: C[..., i, j] = sum_k A[..., i, k] * B[..., k, j] (nn.Linear after its weight
+  transpose, and both batched matmuls of attention). Register-blocked micro-kernel: an MR x NR
+  accumulator tile kept in registers (a "local" write cache), vectorized over j (contiguous in B
+  and C), unrolled over the MR rows, the k loop innermost around it; tiles run in parallel over
+  the cores. Fused epilogues (bias, residual adds, GELU, scale) are inlined into the write-back,
+  injective prologues (reshapes, transposes of the inputs) into the reads.
+- `Conv2d`: NCHW direct convolution with the same micro-kernel shape: an (output channels x output
+  columns) tile in registers, vectorized along the output row, the (input channel, ky, kx)
+  reduction innermost; the padding block is inlined into the reads and the epilogue into the
+  write-back.
+- `Generic`: anything else (norms, softmax, elementwise): the dlight CPU reduction rule where it
+  applies, else parallel outer spatial loops and a vectorized innermost loop per block.
+
+Everything stays float32 and computes the same sums (only their order changes), so results agree
+with the unscheduled build to rounding.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
+
+VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; 8 on AVX2 (set from the target)
+
+
+def _vector_lanes(target: Target) -> int:
+    from tvm.target.codegen import llvm_get_vector_width
+
+    try:
+        bits = llvm_get_vector_width(target)
+    except Exception:  # noqa: BLE001 - unknown CPU: assume AVX2
+        bits = 256
+    return max(4, (bits if bits > 0 else 256) // 32)
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _index_vars(indices) -> list:
+    """The variable of each index expression, or None where it is not a plain variable."""
+    return [i if isinstance(i, tirx.Var) else None for i in indices]
+
+
+def _inline_producers(sch: s_tir.Schedule, keep) -> None:
+    """compute_inline every injective block other than those in `keep` (reshapes, transposes, pads)."""
+    changed = True
+    while changed:
+        changed = False
+        for info in normalize_prim_func(sch) or []:
+            if sch.get(info.block_rv).name_hint in keep or not info.is_injective():
+                continue
+            try:
+                sch.compute_inline(info.block_rv)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - not inlinable (e.g. an output block): leave it
+                continue
+
+
+def _inline_consumers(sch: s_tir.Schedule, block) -> None:
+    """reverse_compute_inline the chain of elementwise consumers of `block` into it."""
+    while True:
+        consumers = sch.get_consumers(block)
+        if len(consumers) != 1:
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # noqa: BLE001 - e.g. a broadcast or reduction consumer: stop here
+            return
+
+
+def _pick(candidates, total: int, default: int) -> int:
+    for c in candidates:
+        if c <= total and total % c == 0:
+            return c
+    return default
+
+
+class Matmul(dlight.ScheduleRule):
+    """Register-blocked GEMM for the `NN` layout C[..., i, j] = sum_k A[..., i, k] B[..., k, j]."""
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [b for b in infos if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        main = reductions[0]
+        kinds = main.dom_kind()
+        if not (len(kinds) >= 3 and kinds.endswith("SSR") and kinds[:-1].count("R") == 0):
+            return None
+        stmt = sch.get(main.block_rv)
+        if len(stmt.reads) != 2 or len(stmt.writes) != 1:
+            return None
+        iv = [it.var for it in stmt.iter_vars]
+        i_var, j_var, k_var = iv[-3], iv[-2], iv[-1]
+        w = _index_vars([r.min for r in stmt.writes[0].region])
+        if w[-2:] != [i_var, j_var]:
+            return None
+        a_idx = _index_vars([r.min for r in stmt.reads[0].region])
+        b_idx = _index_vars([r.min for r in stmt.reads[1].region])
+        if a_idx[-2:] != [i_var, k_var] or b_idx[-2:] != [k_var, j_var]:
+            return None
+        if any(not isinstance(it.dom.extent, tirx.IntImm) for it in stmt.iter_vars):
+            return None
+        m, n, _ = (int(it.dom.extent) for it in stmt.iter_vars[-3:])
+        lanes = _vector_lanes(target)
+
+        name = stmt.name_hint
+        _inline_producers(sch, keep={name})
+        block = sch.get_sblock(name)
+        writeback = sch.cache_write(block, 0, "local")
+        _inline_consumers(sch, writeback)
+
+        # NR columns (whole vectors when possible), MR rows: ~24 of the 32 vector registers accumulate.
+        if n <= 5 * lanes:
+            nr = n
+        else:
+            nr = _pick([4 * lanes, 3 * lanes, 2 * lanes, lanes], n, 4 * lanes)
+        vecs = -(-nr // lanes)
+        mr_max = max(1, 24 // vecs)
+        mr = _pick([c for c in (16, 14, 12, 8, 7, 6, 5, 4, 3, 2, 1) if c <= mr_max], m, min(mr_max, m))
+        tiles = -(-m // mr)
+        mc_tiles = _pick(range(max(1, 96 // mr), 0, -1), tiles, 1)  # ~96 rows per parallel task
+
+        loops = sch.get_loops(block)
+        batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
+        i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
+        j_o, j_r = sch.split(j, [None, nr])
+        sch.reorder(*batch, i_o, j_o, i_t, k, i_r, j_r)
+        sch.parallel(sch.fuse(*batch, i_o, j_o))
+        sch.reverse_compute_at(writeback, i_t, preserve_unit_loops=True)
+        sch.unroll(i_r)
+        sch.vectorize(j_r)
+        init = sch.decompose_reduction(block, k)
+        init_loops = sch.get_loops(init)
+        sch.unroll(init_loops[-2])
+        sch.vectorize(init_loops[-1])
+        wb_loops = sch.get_loops(writeback)
+        sch.vectorize(wb_loops[-1])
+        return sch
+
+
+class Generic(dlight.ScheduleRule):
+    """Everything else: parallel outer spatial loops, vectorized innermost spatial loop, per block.
+
+    Row-wise reductions (softmax, LayerNorm) go to dlight's CPU `Reduction` rule first, which keeps
+    each row's passes together in cache.
+    """
+
+    def __init__(self):
+        self._reduction = dlight.cpu.Reduction()
+
+    def apply(self, func, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            sch = self._reduction.apply(func, target, tunable)
+        except Exception:  # noqa: BLE001 - the rule does not fit this function
+            sch = None
+        if sch is not None:
+            return sch
+        sch = s_tir.Schedule(func)
+        lanes = _vector_lanes(target)
+        if normalize_prim_func(sch) is None:
+            _parallel_outermost(sch)
+            return sch
+        _inline_producers(sch, keep=set())
+        for info in normalize_prim_func(sch) or []:
+            _parallel_vectorize(sch, info, lanes)
+        return sch
+
+
+def _parallel_outermost(sch: s_tir.Schedule) -> None:
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    for block in blocks:
+        loops = sch.get_loops(block)
+        if loops:
+            try:
+                sch.parallel(loops[0])
+            except Exception:  # noqa: BLE001 - a reduction or opaque outer loop: stay serial
+                pass
+
+
+def _has_root(sch: s_tir.Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _parallel_vectorize(sch: s_tir.Schedule, info, lanes: int) -> None:
+    iters = info.iters
+    if not iters:
+        return
+    loops = [it.loop_rv for it in iters]
+    kinds = "".join(it.kind for it in iters)
+    n_lead = len(kinds) - len(kinds.lstrip("S"))
+    vec_loop = None
+    if kinds[-1] == "S":
+        ext = _extent(sch, loops[-1])
+        if ext is not None and ext >= 2:
+            if ext % lanes == 0 and ext > lanes:
+                outer, vec_loop = sch.split(loops[-1], [None, lanes])
+                loops = loops[:-1] + [outer]
+                if n_lead == len(kinds):
+                    loops.append(vec_loop)
+            elif ext <= 4 * lanes:
+                vec_loop = loops[-1]
+    # parallel: leading spatial loops, not the vectorized one
+    par = [lp for lp in loops[:n_lead] if lp != vec_loop]
+    if par:
+        fused = sch.fuse(*par) if len(par) > 1 else par[0]
+        sch.parallel(fused)
+    if vec_loop is not None:
+        sch.vectorize(vec_loop)
+
+
+class Conv2d(dlight.ScheduleRule):
+    """NCHW direct convolution: (FR output channels x YR rows x XR columns) accumulators in registers.
+
+    The padding block stays a separate, parallel copy (inlining it would put a bounds check on every
+    input load of the inner loop); every other injective producer is inlined into the reads.
+    """
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [b for b in infos if not b.is_injective()]
+        kinds = reductions[0].dom_kind() if len(reductions) == 1 else ""
+        if not (kinds.startswith("SSSSR") and kinds[4:] == "R" * (len(kinds) - 4)):
+            return None
+        stmt = sch.get(reductions[0].block_rv)
+        if not stmt.name_hint.startswith("conv2d_nchw") or len(stmt.reads) != 2:
+            return None
+        if any(not isinstance(it.dom.extent, tirx.IntImm) for it in stmt.iter_vars):
+            return None
+        _, f, h, w = (int(it.dom.extent) for it in stmt.iter_vars[:4])
+        window = [int(it.dom.extent) for it in stmt.iter_vars[4:]]
+        lanes = _vector_lanes(target)
+        name = stmt.name_hint
+        # a 1x1 window reads its input directly: the (zero-width) padding copy is inlined
+        pad = stmt.reads[0].source.name if len(window) == 3 and window[1:] != [1, 1] else None
+        _inline_producers(sch, keep={name, pad})
+        block = sch.get_sblock(name)
+        writeback = sch.cache_write(block, 0, "local")
+        _inline_consumers(sch, writeback)
+
+        if w % (2 * lanes) == 0:
+            xr = 2 * lanes
+        elif w % lanes == 0 or w > 2 * lanes:
+            xr = lanes
+        else:
+            xr = w
+        yr = _pick([r for r in (4, 2, 1) if r * xr <= 2 * lanes], h, 1)
+        vecs = yr * -(-xr // lanes)
+        fr = _pick([c for c in (12, 8, 6, 5, 4, 3, 2, 1) if c * vecs <= 24], f, 1)
+        if fr * vecs <= 12 and xr == 2 * lanes and w % (4 * lanes) == 0:
+            xr, vecs = 4 * lanes, 2 * vecs
+
+        n_, f_, y_, x_, *red = sch.get_loops(block)
+        rc = red[0]
+        f_o, f_i = sch.split(f_, [None, fr])
+        y_o, y_i = sch.split(y_, [None, yr])
+        x_o, x_i = sch.split(x_, [None, xr])
+        sch.reorder(n_, f_o, y_o, x_o, *red, y_i, f_i, x_i)
+        sch.parallel(sch.fuse(n_, f_o, y_o))
+        sch.reverse_compute_at(writeback, x_o, preserve_unit_loops=True)
+        sch.unroll(y_i)
+        sch.unroll(f_i)
+        sch.vectorize(x_i)
+        init = sch.decompose_reduction(block, rc)
+        init_loops = sch.get_loops(init)
+        sch.vectorize(init_loops[-1])
+        sch.vectorize(sch.get_loops(writeback)[-1])
+        # the padding copy: parallel over (n, c), vectorized along the row
+        for info in normalize_prim_func(sch) or []:
+            if sch.get(info.block_rv).name_hint == pad:
+                _parallel_vectorize(sch, info, lanes)
+        return sch
+
+
+def schedule_cpu():
+    """The rules, in the order they are tried, for `dlight.ApplyDefaultSchedule`."""
+    return dlight.ApplyDefaultSchedule(Matmul(), Conv2d(), Generic())

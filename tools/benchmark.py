@@ -1,0 +1,347 @@
+"""sdcore against diffusers (PyTorch) on the CPU, side by side, same weights, threads and shapes.
+
+    python tools/benchmark.py [--config sd15|sd21|tiny] [--size 512 ...] [--steps 20] [--runs 5]
+        [--threads N] [--rows unet,vae,text,txt2img] [--write docs/performance.md]
+
+For each size it builds diffusers' UNet, VAE and text encoder with seeded random weights (speed does
+not depend on the values), binds the same weights into sdcore's networks, and times both sides in
+one process, alternating sdcore and PyTorch call by call, taking the median of `--runs` runs each.
+The headline is the ratio sdcore / PyTorch: absolute times on a shared machine drift, a ratio taken
+in the same minute does much less. Rows:
+
+- unet: one denoising step with guidance (batch 2, 77 tokens)
+- vae: VAE decode of one latent
+- text: text encoding of a prompt and a negative prompt (batch 2)
+- txt2img: a whole generation of S steps, each side in its own subprocess (so each has its own peak
+  resident memory), through sdcore's `StableDiffusion` and diffusers' `StableDiffusionPipeline`
+  on the same random-weight checkpoint
+- compile: sdcore's cold compile of the three networks (empty cache) and warm start (cache hit:
+  export, hash, load), measured on the networks built for the first size
+
+`--config tiny` is the seconds-long smoke run CI uses. `--write FILE` writes the table as Markdown
+with the machine, thread count, versions and date. Needs the test extra (torch, diffusers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {  # name: (preset, sizes in pixels, default steps)
+    "sd15": ("sd15", (256, 512), 20),
+    "sd21": ("sd21", (512, 768), 20),
+    "tiny": ("tiny-sd1", (64,), 2),
+}
+ALL_ROWS = ("unet", "vae", "text", "txt2img", "compile")
+
+
+def _threads(n: int | None) -> int:
+    return n or len(os.sched_getaffinity(0))
+
+
+def _median_alternating(fn_a, fn_b, runs: int) -> tuple[float, float]:
+    """Median seconds of fn_a and fn_b, called alternately after one warm-up call each."""
+    fn_a()
+    fn_b()
+    ta, tb = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn_a()
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn_b()
+        tb.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _state(module) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def _build_all(p: dict, size: int, cache_dir: str, use_cache: bool = True):
+    """sdcore's three networks for `size` pixels, each with its build seconds."""
+    from sdcore import weights
+    from sdcore.clip.model import clip_spec
+    from sdcore.compile import build
+    from sdcore.unet.model import unet_spec
+    from sdcore.vae.model import vae_spec
+
+    lat = size // 8
+    nets, seconds = {}, {}
+    unet = weights.build_module("unet", p["unet"])
+    t0 = time.perf_counter()
+    nets["unet"] = build(unet, unet_spec(unet.config, 2, lat, lat), name="bench-unet", cache_dir=cache_dir,
+                         use_cache=use_cache)
+    seconds["unet"] = time.perf_counter() - t0
+    vae = weights.build_module("vae", p["vae"], functions=("decode",))
+    t0 = time.perf_counter()
+    nets["vae"] = build(vae, vae_spec(vae.config, 1, size, size, functions=("decode",)), name="bench-vae",
+                        cache_dir=cache_dir, use_cache=use_cache)
+    seconds["vae"] = time.perf_counter() - t0
+    clip = weights.build_module("text_encoder", p["text_encoder"])
+    t0 = time.perf_counter()
+    nets["text"] = build(clip, clip_spec(clip.config, 2), name="bench-text", cache_dir=cache_dir,
+                         use_cache=use_cache)
+    seconds["text"] = time.perf_counter() - t0
+    return nets, seconds
+
+
+def bench_size(preset_name: str, size: int, rows, runs: int, cache_dir: str, log) -> dict:
+    """Timings of the per-network rows at one size: {row: (sdcore s, torch s)} plus compile seconds."""
+    import numpy as np
+    import torch
+
+    from sdcore.presets import preset
+    from tools.make_random_checkpoint import build_models
+
+    p = preset(preset_name)
+    _, unet_t, vae_t, text_t = build_models(preset_name, False, seed=0)
+    log(f"[{size}px] building sdcore networks (cache {cache_dir})")
+    nets, seconds = _build_all(p, size, cache_dir)
+    out = {"build_seconds": seconds}
+    nets["unet"].set_params(_state(unet_t))
+    nets["vae"].set_params({n: v for n, v in _state(vae_t).items() if n in nets["vae"].param_names})
+    nets["text"].set_params(_state(text_t))
+
+    rng = np.random.default_rng(0)
+    lat = size // 8
+    hidden = p["text_encoder"]["hidden_size"]
+    sample = rng.standard_normal((2, 4, lat, lat)).astype("float32")
+    timestep = np.full((2,), 981.0, dtype="float32")
+    context = rng.standard_normal((2, 77, p["unet"]["cross_attention_dim"])).astype("float32")
+    z = rng.standard_normal((1, 4, lat, lat)).astype("float32")
+    ids = rng.integers(0, p["text_encoder"]["vocab_size"], (2, 77)).astype("int32")
+    del hidden
+    with torch.no_grad():
+        if "unet" in rows:
+            ts = torch.from_numpy(sample), torch.from_numpy(timestep), torch.from_numpy(context)
+            out["unet"] = _median_alternating(lambda: nets["unet"].forward(sample, timestep, context),
+                                              lambda: unet_t(ts[0], ts[1], encoder_hidden_states=ts[2]).sample,
+                                              runs)
+            log(f"[{size}px] unet {out['unet']}")
+        if "vae" in rows:
+            zt = torch.from_numpy(z)
+            out["vae"] = _median_alternating(lambda: nets["vae"].decode(z), lambda: vae_t.decode(zt).sample, runs)
+            log(f"[{size}px] vae {out['vae']}")
+        if "text" in rows:
+            it = torch.from_numpy(ids.astype("int64"))
+            out["text"] = _median_alternating(lambda: nets["text"].forward(ids), lambda: text_t(it), runs)
+            log(f"[{size}px] text {out['text']}")
+    return out
+
+
+def bench_compile(preset_name: str, size: int, log) -> dict:
+    """Cold compile (empty cache) and warm start (second build from the filled cache), in seconds."""
+    from sdcore.presets import preset
+
+    p = preset(preset_name)
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        _, cold = _build_all(p, size, cache)
+        cold_total = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, warm = _build_all(p, size, cache)
+        warm_total = time.perf_counter() - t0
+    log(f"[{size}px] compile cold {cold_total:.1f} s {cold}, warm {warm_total:.1f} s")
+    return {"cold": cold_total, "warm": warm_total, "cold_parts": cold, "warm_parts": warm}
+
+
+# ----------------------------------------------------------------------------------------------
+# whole txt2img, one subprocess per side (own peak RSS)
+
+
+def _child(args) -> int:
+    import resource
+
+    import numpy as np
+
+    out = {}
+    t0 = time.perf_counter()
+    if args.child == "sdcore":
+        from sdcore.pipeline import StableDiffusion
+
+        sd = StableDiffusion.load(args.model_dir, cache_dir=args.cache_dir)
+        kw = dict(steps=args.steps, width=args.size, height=args.size, seed=0, sampler="Euler", progress=False)
+        sd.txt2img("a photo of a cat", **kw)  # compiles or loads, warms up
+        out["first"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sd.txt2img("a photo of a cat", **kw)
+    else:
+        import torch
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+        torch.set_num_threads(args.threads)
+        pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float32)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(num_inference_steps=args.steps, width=args.size, height=args.size, output_type="np")
+        pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw)
+        out["first"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw)
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del np
+    print("RESULT " + json.dumps(out))
+    return 0
+
+
+def bench_txt2img(preset_name: str, size: int, steps: int, threads: int, cache_dir: str, log) -> dict:
+    """{side: {"seconds", "peak_rss_mb"} or {"error": text}} for sdcore and diffusers."""
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, model = Path(tmp) / "diffusers", Path(tmp) / "sdcore"
+        for cmd in ([sys.executable, str(ROOT / "tools" / "make_random_checkpoint.py"), str(src), "--preset", preset_name],
+                    [sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(src), "--output", str(model)]):
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                return {s: {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]} for s in ("sdcore", "diffusers")}
+        for side, model_dir in (("diffusers", src), ("sdcore", model)):
+            cmd = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir), "--size", str(size),
+                   "--steps", str(steps), "--threads", str(threads), "--cache-dir", cache_dir]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+            if done.returncode or not lines:
+                tail = (done.stderr.strip().splitlines() or ["failed"])[-1]
+                res[side] = {"error": tail[:200]}
+            else:
+                res[side] = json.loads(lines[-1][len("RESULT "):])
+            log(f"[{size}px] txt2img {side}: {res[side]}")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"**{a / b:.2f}x**"
+
+
+def format_table(config: str, results: dict, compile_res: dict | None, threads: int, steps: int, runs: int) -> str:
+    import torch
+    import tvm
+
+    import sdcore
+
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()} ({_cpu_name()}), {threads} threads for both sides; "
+        f"{time.strftime('%Y-%m-%d')}; sdcore {sdcore.__version__}, TVM {tvm.__version__}, torch {torch.__version__}; "
+        f"config {config}, fp32, random weights, median of {runs} alternating runs.",
+        "",
+        "| row | size | sdcore | PyTorch | sdcore / PyTorch |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"unet": "UNet step (batch 2, CFG)", "vae": "VAE decode (batch 1)", "text": "text encode (batch 2)"}
+    for size, res in results.items():
+        for row in ("unet", "vae", "text"):
+            if row in res:
+                a, b = res[row]
+                lines.append(f"| {names[row]} | {size}x{size} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {_ratio(a, b)} |")
+        if "txt2img" in res:
+            s, d = res["txt2img"]["sdcore"], res["txt2img"]["diffusers"]
+            label = f"txt2img, {steps} steps (warm)"
+            if "error" in s or "error" in d:
+                why = "; ".join(f"{k}: {v['error']}" for k, v in (("sdcore", s), ("diffusers", d)) if "error" in v)
+                lines.append(f"| {label} | {size}x{size} | unavailable | | {why} |")
+            else:
+                lines.append(f"| {label} | {size}x{size} | {s['seconds']:.1f} s | {d['seconds']:.1f} s | "
+                             f"{_ratio(s['seconds'], d['seconds'])} |")
+                lines.append(f"| peak resident memory, txt2img | {size}x{size} | {s['peak_rss_mb']:.0f} MB | "
+                             f"{d['peak_rss_mb']:.0f} MB | {_ratio(s['peak_rss_mb'], d['peak_rss_mb'])} |")
+    if compile_res:
+        size = compile_res["size"]
+        lines.append(f"| compile, cold (UNet+VAE decode+text) | {size}x{size} | {compile_res['cold']:.0f} s | | |")
+        lines.append(f"| start, warm cache (same three) | {size}x{size} | {compile_res['warm']:.1f} s | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="sd15", choices=sorted(CONFIGS))
+    parser.add_argument("--size", type=int, nargs="+", help="image sizes in pixels (default: per config)")
+    parser.add_argument("--steps", type=int, help="txt2img steps (default: per config)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="threads for both sides (default: all cores)")
+    parser.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma list of {ALL_ROWS}")
+    parser.add_argument("--cache-dir", help="sdcore compile cache for the timed builds (default: a temporary one)")
+    parser.add_argument("--write", type=Path, help="write the table as Markdown to this file")
+    parser.add_argument("--json", type=Path, help="write the raw figures as JSON")
+    parser.add_argument("--child", choices=["sdcore", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    threads = _threads(args.threads)
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM's thread pool starts
+    args.threads = threads
+    if args.child:
+        return _child(args)
+
+    import torch
+
+    torch.set_num_threads(threads)
+    preset_name, sizes, steps = CONFIGS[args.config]
+    sizes = args.size or sizes
+    steps = args.steps or steps
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ALL_ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    own_cache = None
+    if args.cache_dir is None:
+        own_cache = tempfile.TemporaryDirectory()
+        args.cache_dir = own_cache.name
+    results, compile_res = {}, None
+    try:
+        if "compile" in rows:
+            compile_res = dict(bench_compile(preset_name, sizes[0], log), size=sizes[0])
+        for size in sizes:
+            res = {}
+            if {"unet", "vae", "text"} & set(rows):
+                res = bench_size(preset_name, size, rows, args.runs, args.cache_dir, log)
+            if "txt2img" in rows:
+                res["txt2img"] = bench_txt2img(preset_name, size, steps, threads, args.cache_dir, log)
+            results[size] = res
+    finally:
+        if own_cache is not None:
+            own_cache.cleanup()
+
+    table = format_table(args.config, results, compile_res, threads, steps, args.runs)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"results": {str(k): v for k, v in results.items()},
+                                         "compile": compile_res}, indent=1, default=str))
+    if args.write:
+        args.write.write_text(
+            "# Performance\n\nWritten by `python tools/benchmark.py "
+            + " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

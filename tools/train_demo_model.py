@@ -1,0 +1,467 @@
+"""Train sdcore's embedded demo model: a small latent diffusion model of procedurally drawn shapes.
+
+    python tools/train_demo_model.py WORK [--seed 0] [--vae-steps N] [--unet-steps N]
+    python tools/train_demo_model.py WORK --export-only      # diffusers folder from the latest checkpoint
+    python tools/train_demo_model.py WORK --evaluate         # sample with diffusers, score colour/position
+    python tools/train_demo_model.py WORK --ship sdcore/models/shapes-demo   # convert into the package
+
+The architecture is Stable Diffusion 1.x's, scaled down (Rombach et al. 2022, "High-Resolution Image
+Synthesis with Latent Diffusion Models"): an AutoencoderKL with 8x downsampling and 4 latent channels,
+a CLIP text encoder on the real CLIP vocabulary (sdcore's shipped BPE merges), and a
+UNet2DConditionModel with cross-attention, trained with classifier-free guidance dropout (Ho &
+Salimans 2022) on SD's scaled-linear DDPM schedule. torch, diffusers and transformers are the training
+framework (the test extra); the result is a diffusers pipeline folder that `tools/convert_weights.py`
+turns into an sdcore model directory.
+
+Data: 64x64 images of one shape (circle, square, triangle) in one of four colours at one of five
+positions on one of three backgrounds, drawn with 4x supersampling, captioned like "a red circle at
+the top left on a white background" (sometimes without the position or the background, which are
+then random). Every random draw comes from `numpy.random.Generator(PCG64([seed, stage, step]))`, so
+a run is deterministic given its seed, thread count and library versions, and a resumed run is
+the same as an uninterrupted one. Checkpoints go to WORK/checkpoints every few hundred steps.
+
+Stage 1 trains the VAE (MSE + L1 reconstruction, a small KL term; no GAN or perceptual loss: flat
+colours need neither); the latent scaling factor is 1 / std of the posterior means. Stage 2 trains
+the UNet and the text encoder jointly on posterior samples of the frozen VAE, epsilon prediction,
+with an EMA of both (the EMA weights are shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZE = 64
+SHAPES = ("circle", "square", "triangle")
+# Shape colours and backgrounds are disjoint sets, so every caption names two distinct colours.
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220), "yellow": (240, 210, 30)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+PALETTE = {**COLOURS, **BACKGROUNDS}
+# name -> (caption phrase, centre (x, y) in pixels)
+POSITIONS = {
+    "top left": ("at the top left", (16, 16)),
+    "top right": ("at the top right", (48, 16)),
+    "bottom left": ("at the bottom left", (16, 48)),
+    "bottom right": ("at the bottom right", (48, 48)),
+    "center": ("in the center", (32, 32)),
+}
+SUPERSAMPLE = 4
+P_NO_POSITION, P_NO_BACKGROUND = 0.2, 0.1  # caption variants (the rest name everything)
+P_EMPTY_CAPTION = 0.1  # classifier-free guidance dropout
+
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": SIZE,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8, "act_fn": "silu",
+}
+TEXT_CONFIG = {
+    "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "projection_dim": 64, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+UNET_CONFIG = {
+    "sample_size": SIZE // 8, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 64], "layers_per_block": 2, "norm_num_groups": 8,
+    "cross_attention_dim": TEXT_CONFIG["hidden_size"], "attention_head_dim": 4,
+}
+
+DEFAULTS = {"seed": 0, "vae_steps": 3000, "vae_batch": 16, "vae_lr": 1e-3, "kl_weight": 1e-6,
+            "unet_steps": 8000, "unet_batch": 32, "unet_lr": 1e-3, "ema_decay": 0.999, "checkpoint_every": 250}
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def caption(colour: str, shape: str, position: str | None, background: str | None) -> str:
+    text = f"a {colour} {shape}"
+    if position is not None:
+        text += " " + POSITIONS[position][0]
+    if background is not None:
+        text += f" on a {background} background"
+    return text
+
+
+def draw(shape: str, colour: str, position: str, background: str, rng: np.random.Generator) -> np.ndarray:
+    """One [64, 64, 3] uint8 image; the centre jitters by up to 3 px and the size by about 15%."""
+    cx, cy = POSITIONS[position][1]
+    cx, cy = cx + rng.uniform(-3, 3), cy + rng.uniform(-3, 3)
+    r = rng.uniform(9.5, 12.5)
+    n = SIZE * SUPERSAMPLE
+    coords = (np.arange(n) + 0.5) / SUPERSAMPLE
+    x, y = coords[None, :], coords[:, None]  # [1, n], [n, 1]
+    if shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= r**2
+    elif shape == "square":
+        half = 0.85 * r
+        inside = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    else:  # an upward triangle: apex above the centre, base below it
+        top, base = cy - r, cy + 0.8 * r
+        half_width = r * (y - top) / (base - top)
+        inside = (y >= top) & (y <= base) & (np.abs(x - cx) <= half_width)
+    coverage = inside.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))[..., None]  # [64, 64, 1]
+    fg, bg = np.array(COLOURS[colour], np.float64), np.array(BACKGROUNDS[background], np.float64)
+    return np.round(coverage * fg + (1 - coverage) * bg).astype(np.uint8)
+
+
+def sample_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
+    """n random images [n, 64, 64, 3] uint8, their captions, and what each shows."""
+    images, captions, labels = [], [], []
+    for _ in range(n):
+        label = {"shape": SHAPES[rng.integers(len(SHAPES))], "colour": list(COLOURS)[rng.integers(len(COLOURS))],
+                 "position": list(POSITIONS)[rng.integers(len(POSITIONS))],
+                 "background": list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]}
+        u = rng.uniform()
+        position = None if u < P_NO_POSITION else label["position"]
+        background = None if P_NO_POSITION <= u < P_NO_POSITION + P_NO_BACKGROUND else label["background"]
+        images.append(draw(label["shape"], label["colour"], label["position"], label["background"], rng))
+        captions.append(caption(label["colour"], label["shape"], position, background))
+        labels.append(label)
+    return np.stack(images), captions, labels
+
+
+def describe(image) -> dict:
+    """What an image shows, by a simple measure: every pixel takes the nearest palette colour; the
+    most common is the background, the most common other one the shape's colour, whose pixels'
+    centroid gives the nearest named position. Used by the evaluation here and by the tests."""
+    rgb = np.asarray(image, dtype=np.float64)[..., :3]  # [H, W, 3]
+    names = list(PALETTE)
+    palette = np.array([PALETTE[k] for k in names], np.float64)  # [P, 3]
+    dist = ((rgb[:, :, None, :] - palette[None, None]) ** 2).sum(-1)  # [H, W, P]
+    label = dist.argmin(-1)
+    counts = np.bincount(label.ravel(), minlength=len(names))
+    bg = int(counts.argmax())
+    counts_fg = counts.copy()
+    counts_fg[bg] = 0
+    fg = int(counts_fg.argmax())
+    ys, xs = np.nonzero(label == fg)
+    h, w = label.shape
+    centroid = (float(xs.mean()) * SIZE / w, float(ys.mean()) * SIZE / h) if len(xs) else (SIZE / 2, SIZE / 2)
+    position = min(POSITIONS, key=lambda p: math.dist(POSITIONS[p][1], centroid))
+    return {"background": names[bg], "colour": names[fg], "position": position, "centroid": centroid,
+            "shape_fraction": float(counts[fg]) / label.size}
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def step_rng(seed: int, stage: int, step: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64([seed, stage, step]))
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_tensor(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W]
+
+
+def build_models(seed: int, scaling_factor: float = 1.0):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=scaling_factor)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    return vae, text_encoder, unet
+
+
+def save_atomic(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def train_vae(vae, args, work: Path, log: Log) -> None:
+    import torch
+
+    ckpt_path = work / "checkpoints" / "vae.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        vae.load_state_dict(ckpt["vae"])
+        opt.load_state_dict(ckpt["opt"])
+        start, elapsed = ckpt["step"], ckpt["elapsed"]
+        log(f"vae: resumed at step {start}")
+    vae.train()
+    t0 = time.perf_counter() - elapsed
+    for step in range(start, args.vae_steps):
+        rng = step_rng(args.seed, 1, step)
+        images, _, _ = sample_batch(rng, args.vae_batch)
+        x = to_tensor(images)
+        posterior = vae.encode(x).latent_dist
+        eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
+        z = posterior.mean + posterior.std * eps
+        recon = vae.decode(z).sample
+        mse = torch.mean((recon - x) ** 2)
+        l1 = torch.mean(torch.abs(recon - x))
+        kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
+        loss = mse + l1 + args.kl_weight * kl
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
+            log(f"vae step {step} loss {loss.item():.5f} mse {mse.item():.5f} (PSNR {psnr:.1f} dB) "
+                f"kl {kl.item():.1f} {time.perf_counter() - t0:.0f}s")
+        if (step + 1) % args.checkpoint_every == 0 or step == args.vae_steps - 1:
+            save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                         "elapsed": time.perf_counter() - t0}, ckpt_path)
+    vae.eval()
+
+
+def latent_scaling_factor(vae, seed: int, n: int = 1024) -> float:
+    import torch
+
+    rng = step_rng(seed, 3, 0)
+    means = []
+    with torch.no_grad():
+        for _ in range(n // 64):
+            images, _, _ = sample_batch(rng, 64)
+            means.append(vae.encode(to_tensor(images)).latent_dist.mean)
+    return float(1.0 / torch.cat(means).std())
+
+
+def train_unet(vae, text_encoder, unet, scaling_factor: float, args, work: Path, log: Log) -> None:
+    import copy
+
+    import torch
+
+    from sdcore.tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_bpe_gz()
+    ids_cache: dict[str, np.ndarray] = {}
+
+    def tokens(texts):
+        for t in texts:
+            if t not in ids_cache:
+                ids_cache[t] = tokenizer(t)[0]
+        return torch.from_numpy(np.stack([ids_cache[t] for t in texts]))  # [N, 77]
+
+    betas = np.linspace(SCHEDULE["beta_start"] ** 0.5, SCHEDULE["beta_end"] ** 0.5,
+                        SCHEDULE["num_train_timesteps"], dtype=np.float64) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas)
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    ema = {"unet": copy.deepcopy(unet).eval(), "text_encoder": copy.deepcopy(text_encoder).eval()}
+    for m in ema.values():
+        m.requires_grad_(False)
+    ckpt_path = work / "checkpoints" / "unet.pt"
+    start, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        unet.load_state_dict(ckpt["unet"])
+        text_encoder.load_state_dict(ckpt["text_encoder"])
+        ema["unet"].load_state_dict(ckpt["ema_unet"])
+        ema["text_encoder"].load_state_dict(ckpt["ema_text_encoder"])
+        opt.load_state_dict(ckpt["opt"])
+        start, elapsed = ckpt["step"], ckpt["elapsed"]
+        log(f"unet: resumed at step {start}")
+    unet.train()
+    text_encoder.train()
+    t0 = time.perf_counter() - elapsed
+    running = None
+    for step in range(start, args.unet_steps):
+        rng = step_rng(args.seed, 2, step)
+        images, captions, _ = sample_batch(rng, args.unet_batch)
+        captions = ["" if rng.uniform() < P_EMPTY_CAPTION else c for c in captions]
+        with torch.no_grad():
+            posterior = vae.encode(to_tensor(images)).latent_dist
+        b = args.unet_batch
+        latent_eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
+        x0 = (posterior.mean + posterior.std * latent_eps) * scaling_factor  # [B, 4, 8, 8]
+        t = rng.integers(0, SCHEDULE["num_train_timesteps"], size=b)
+        noise = torch.from_numpy(rng.standard_normal(x0.shape, dtype=np.float32))
+        ab = torch.from_numpy(alphas_cumprod[t].astype(np.float32))[:, None, None, None]
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        context = text_encoder(tokens(captions))[0]  # [B, 77, C]
+        pred = unet(xt, torch.from_numpy(t), context).sample
+        loss = torch.mean((pred - noise) ** 2)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.unet_steps, args.unet_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, live in (("unet", unet), ("text_encoder", text_encoder)):
+                for p_ema, p in zip(ema[name].parameters(), live.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == args.unet_steps - 1:
+            log(f"unet step {step} loss {loss.item():.4f} (avg {running:.4f}) lr {opt.param_groups[0]['lr']:.2e} "
+                f"{time.perf_counter() - t0:.0f}s")
+        if (step + 1) % args.checkpoint_every == 0 or step == args.unet_steps - 1:
+            save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                         "ema_unet": ema["unet"].state_dict(), "ema_text_encoder": ema["text_encoder"].state_dict(),
+                         "opt": opt.state_dict(), "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# export and evaluation
+
+
+def export(work: Path, seed: int, log: Log) -> Path:
+    """Write WORK/diffusers, a diffusers StableDiffusionPipeline folder, from the latest checkpoints
+    (EMA weights of the UNet and text encoder)."""
+    import tempfile
+
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from sdcore.tokenizer import write_vocab_files
+
+    stats = json.loads((work / "checkpoints" / "latents.json").read_text())
+    vae, text_encoder, unet = build_models(seed, scaling_factor=stats["scaling_factor"])
+    vae.load_state_dict(torch.load(work / "checkpoints" / "vae.pt", weights_only=False)["vae"])
+    ckpt = torch.load(work / "checkpoints" / "unet.pt", weights_only=False)
+    unet.load_state_dict(ckpt["ema_unet"])
+    text_encoder.load_state_dict(ckpt["ema_text_encoder"])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_vocab_files(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    # SD's own scheduler settings (convert.DEFAULT_SCHEDULER); samplers are chosen at generation time.
+    scheduler = PNDMScheduler(**SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+                              prediction_type="epsilon", timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    out = work / "diffusers"
+    pipe.save_pretrained(out, safe_serialization=True)
+    log(f"exported {out} (unet step {ckpt['step']}, scaling factor {stats['scaling_factor']:.5f})")
+    return out
+
+
+def evaluation_prompts() -> list[tuple[str, dict]]:
+    """Every colour x position x background, the shape cycling: 60 captions and what they ask for."""
+    prompts = []
+    for i, (colour, position, background) in enumerate(
+            (c, p, b) for c in COLOURS for p in POSITIONS for b in BACKGROUNDS):
+        shape = SHAPES[i % len(SHAPES)]
+        prompts.append((caption(colour, shape, position, background),
+                        {"colour": colour, "position": position, "background": background}))
+    return prompts
+
+
+def evaluate(folder: Path, log: Log, guidance_scales=(7.0, 1.0), seeds=(0,), steps: int = 20) -> dict:
+    """Sample every evaluation prompt with diffusers (DPM++ 2M Karras) and score it with `describe`."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = evaluation_prompts()
+    results = {}
+    for g in guidance_scales:
+        hits = {"colour": 0, "position": 0, "background": 0, "all": 0}
+        total = 0
+        for seed in seeds:
+            texts = [p for p, _ in prompts]
+            images = pipe(texts, num_inference_steps=steps, guidance_scale=g, height=SIZE, width=SIZE,
+                          generator=[torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(texts))],
+                          output_type="np").images
+            for image, (_, want) in zip(images, prompts):
+                got = describe(np.round(image * 255))
+                ok = {k: got[k] == want[k] for k in ("colour", "position", "background")}
+                for k, v in ok.items():
+                    hits[k] += v
+                hits["all"] += all(ok.values())
+                total += 1
+        results[g] = {k: v / total for k, v in hits.items()}
+        log(f"evaluation, guidance {g}: " + ", ".join(f"{k} {v:.0%}" for k, v in results[g].items())
+            + f" ({total} images)")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", type=Path, help="folder for checkpoints, the log and the diffusers export")
+    for key, value in DEFAULTS.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--evaluate", action="store_true", help="sample the exported model and score it")
+    parser.add_argument("--ship", type=Path, help="convert WORK/diffusers into this sdcore model directory")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    (args.work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    log = Log(args.work / "train.log")
+    if args.ship:
+        subprocess.run([sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(args.work / "diffusers"),
+                        "--output", str(args.ship), "--overwrite"], check=True)
+        return 0
+    if args.evaluate:
+        evaluate(args.work / "diffusers", log)
+        return 0
+    if args.export_only:
+        export(args.work, args.seed, log)
+        return 0
+
+    log(f"training with {json.dumps(vars(args), default=str)}")
+    started = time.perf_counter()
+    vae, text_encoder, unet = build_models(args.seed)
+    train_vae(vae, args, args.work, log)
+    vae.requires_grad_(False)
+    stats_path = args.work / "checkpoints" / "latents.json"
+    scaling_factor = latent_scaling_factor(vae, args.seed)
+    stats_path.write_text(json.dumps({"scaling_factor": scaling_factor}) + "\n")
+    log(f"latent scaling factor {scaling_factor:.5f}")
+    train_unet(vae, text_encoder, unet, scaling_factor, args, args.work, log)
+    export(args.work, args.seed, log)
+    log(f"done in {time.perf_counter() - started:.0f}s of this process")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
