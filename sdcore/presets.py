@@ -77,18 +77,18 @@ PRESETS = {
     # 64-wide heads), so these round-trip through the original single-file layout too.
     "tiny-sd1": {
         "family": "sd1",
-        "unet": dict(_SD_UNET, sample_size=8, block_out_channels=[32, 64, 64, 64], layers_per_block=1,
+        "unet": dict(_SD_UNET, sample_size=16, block_out_channels=[32, 64, 64, 64], layers_per_block=1,
                      cross_attention_dim=64, attention_head_dim=8),
-        "vae": dict(_SD_VAE, sample_size=64, block_out_channels=[32, 32, 64, 64], layers_per_block=1),
+        "vae": dict(_SD_VAE, sample_size=128, block_out_channels=[32, 32, 64, 64], layers_per_block=1),
         "text_encoder": dict(_SD1_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=1, projection_dim=64),
     },
     "tiny-sd2": {
         "family": "sd2",
-        "unet": dict(_SD_UNET, sample_size=8, block_out_channels=[64, 64, 64, 64], layers_per_block=1,
+        "unet": dict(_SD_UNET, sample_size=16, block_out_channels=[64, 64, 64, 64], layers_per_block=1,
                      cross_attention_dim=64, attention_head_dim=[1, 1, 1, 1],
                      use_linear_projection=True, upcast_attention=True),
-        "vae": dict(_SD_VAE, sample_size=64, block_out_channels=[32, 32, 64, 64], layers_per_block=1),
+        "vae": dict(_SD_VAE, sample_size=128, block_out_channels=[32, 32, 64, 64], layers_per_block=1),
         "text_encoder": dict(_SD1_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=1, hidden_act="gelu", projection_dim=64),
     },

@@ -112,7 +112,9 @@ def bench_size(preset_name: str, size: int, rows, runs: int, cache_dir: str, log
     out = {"build_seconds": seconds}
     nets["unet"].set_params(_state(unet_t))
     nets["vae"].set_params({n: v for n, v in _state(vae_t).items() if n in nets["vae"].param_names})
-    nets["text"].set_params(_state(text_t))
+    # transformers 5 drops the "text_model." prefix from CLIPTextModel's state dict keys
+    names = set(nets["text"].param_names)
+    nets["text"].set_params({(k if k in names else "text_model." + k): v for k, v in _state(text_t).items()})
 
     rng = np.random.default_rng(0)
     lat = size // 8

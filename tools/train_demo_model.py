@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -75,12 +76,13 @@ UNET_CONFIG = {
     "sample_size": SIZE // 8, "in_channels": 4, "out_channels": 4,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64, 64], "layers_per_block": 2, "norm_num_groups": 8,
+    "block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
     "cross_attention_dim": TEXT_CONFIG["hidden_size"], "attention_head_dim": 4,
 }
 
-DEFAULTS = {"seed": 0, "vae_steps": 3000, "vae_batch": 16, "vae_lr": 1e-3, "kl_weight": 1e-6,
-            "unet_steps": 8000, "unet_batch": 32, "unet_lr": 1e-3, "ema_decay": 0.999, "checkpoint_every": 250}
+DEFAULTS = {"seed": 0, "vae_steps": 800, "vae_batch": 8, "vae_lr": 1e-3, "kl_weight": 1e-6, "vae_ema_decay": 0.99,
+            "pool_size": 8192, "unet_steps": 8000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
+            "checkpoint_every": 100}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,18 +120,27 @@ def draw(shape: str, colour: str, position: str, background: str, rng: np.random
     return np.round(coverage * fg + (1 - coverage) * bg).astype(np.uint8)
 
 
+def random_label(rng: np.random.Generator) -> dict:
+    return {"shape": SHAPES[rng.integers(len(SHAPES))], "colour": list(COLOURS)[rng.integers(len(COLOURS))],
+            "position": list(POSITIONS)[rng.integers(len(POSITIONS))],
+            "background": list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]}
+
+
+def random_caption(label: dict, rng: np.random.Generator) -> str:
+    """The full caption, or (sometimes) one without the position or without the background."""
+    u = rng.uniform()
+    position = None if u < P_NO_POSITION else label["position"]
+    background = None if P_NO_POSITION <= u < P_NO_POSITION + P_NO_BACKGROUND else label["background"]
+    return caption(label["colour"], label["shape"], position, background)
+
+
 def sample_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
     """n random images [n, 64, 64, 3] uint8, their captions, and what each shows."""
     images, captions, labels = [], [], []
     for _ in range(n):
-        label = {"shape": SHAPES[rng.integers(len(SHAPES))], "colour": list(COLOURS)[rng.integers(len(COLOURS))],
-                 "position": list(POSITIONS)[rng.integers(len(POSITIONS))],
-                 "background": list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]}
-        u = rng.uniform()
-        position = None if u < P_NO_POSITION else label["position"]
-        background = None if P_NO_POSITION <= u < P_NO_POSITION + P_NO_BACKGROUND else label["background"]
+        label = random_label(rng)
+        captions.append(random_caption(label, rng))
         images.append(draw(label["shape"], label["colour"], label["position"], label["background"], rng))
-        captions.append(caption(label["colour"], label["shape"], position, background))
         labels.append(label)
     return np.stack(images), captions, labels
 
@@ -164,12 +175,19 @@ def step_rng(seed: int, stage: int, step: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64([seed, stage, step]))
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
-    """Linear warm-up, then cosine decay to 5% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(step: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then constant: with EMA weights (what is saved) instead of a decay, a run
+    stopped at step N equals a run of N steps, so a run cut short is not lost."""
+    return peak * min(1.0, (step + 1) / warmup)
+
+
+def update_ema(ema, model, step: int, decay: float) -> None:
+    import torch
+
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1 - decay)
 
 
 def to_tensor(images: np.ndarray):
@@ -209,15 +227,20 @@ class Log:
         self.file.flush()
 
 
-def train_vae(vae, args, work: Path, log: Log) -> None:
+def train_vae(vae, args, work: Path, log: Log):
+    """Train the VAE; returns its EMA copy (the weights that are used from then on)."""
+    import copy
+
     import torch
 
     ckpt_path = work / "checkpoints" / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    ema = copy.deepcopy(vae).eval().requires_grad_(False)
     start, elapsed = 0, 0.0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
-        vae.load_state_dict(ckpt["vae"])
+        vae.load_state_dict(ckpt["vae_live"])
+        ema.load_state_dict(ckpt["vae"])
         opt.load_state_dict(ckpt["opt"])
         start, elapsed = ckpt["step"], ckpt["elapsed"]
         log(f"vae: resumed at step {start}")
@@ -236,34 +259,47 @@ def train_vae(vae, args, work: Path, log: Log) -> None:
         kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
         loss = mse + l1 + args.kl_weight * kl
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
+            group["lr"] = lr_at(step, args.vae_lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        update_ema(ema, vae, step, args.vae_ema_decay)
         if step % 50 == 0 or step == args.vae_steps - 1:
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
             log(f"vae step {step} loss {loss.item():.5f} mse {mse.item():.5f} (PSNR {psnr:.1f} dB) "
                 f"kl {kl.item():.1f} {time.perf_counter() - t0:.0f}s")
         if (step + 1) % args.checkpoint_every == 0 or step == args.vae_steps - 1:
-            save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                         "elapsed": time.perf_counter() - t0}, ckpt_path)
-    vae.eval()
+            save_atomic({"vae": ema.state_dict(), "vae_live": vae.state_dict(), "opt": opt.state_dict(),
+                         "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
+    return ema
 
 
-def latent_scaling_factor(vae, seed: int, n: int = 1024) -> float:
+def latent_pool(vae, seed: int, n: int, work: Path, log: Log):
+    """Posterior means and stds [n, 4, 8, 8] of n fresh images, with their labels: the UNet's data.
+    Encoding once is 30% of a UNet step saved; each use draws a new posterior sample and caption."""
     import torch
 
+    path = work / "checkpoints" / "latents.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
     rng = step_rng(seed, 3, 0)
-    means = []
+    means, stds, labels = [], [], []
     with torch.no_grad():
         for _ in range(n // 64):
-            images, _, _ = sample_batch(rng, 64)
-            means.append(vae.encode(to_tensor(images)).latent_dist.mean)
-    return float(1.0 / torch.cat(means).std())
+            images, _, batch_labels = sample_batch(rng, 64)
+            posterior = vae.encode(to_tensor(images)).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+            labels += batch_labels
+    pool = {"mean": torch.cat(means), "std": torch.cat(stds), "labels": labels}
+    pool["scaling_factor"] = float(1.0 / pool["mean"].std())
+    save_atomic(pool, path)
+    log(f"encoded {len(labels)} images; latent scaling factor {pool['scaling_factor']:.5f}")
+    return pool
 
 
-def train_unet(vae, text_encoder, unet, scaling_factor: float, args, work: Path, log: Log) -> None:
+def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> None:
     import copy
 
     import torch
@@ -305,13 +341,13 @@ def train_unet(vae, text_encoder, unet, scaling_factor: float, args, work: Path,
     running = None
     for step in range(start, args.unet_steps):
         rng = step_rng(args.seed, 2, step)
-        images, captions, _ = sample_batch(rng, args.unet_batch)
-        captions = ["" if rng.uniform() < P_EMPTY_CAPTION else c for c in captions]
-        with torch.no_grad():
-            posterior = vae.encode(to_tensor(images)).latent_dist
         b = args.unet_batch
-        latent_eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
-        x0 = (posterior.mean + posterior.std * latent_eps) * scaling_factor  # [B, 4, 8, 8]
+        index = rng.integers(0, len(pool["labels"]), size=b)
+        captions = [random_caption(pool["labels"][i], rng) for i in index]
+        captions = ["" if rng.uniform() < P_EMPTY_CAPTION else c for c in captions]
+        mean, std = pool["mean"][index], pool["std"][index]
+        latent_eps = torch.from_numpy(rng.standard_normal(mean.shape, dtype=np.float32))
+        x0 = (mean + std * latent_eps) * pool["scaling_factor"]  # [B, 4, 8, 8]
         t = rng.integers(0, SCHEDULE["num_train_timesteps"], size=b)
         noise = torch.from_numpy(rng.standard_normal(x0.shape, dtype=np.float32))
         ab = torch.from_numpy(alphas_cumprod[t].astype(np.float32))[:, None, None, None]
@@ -320,16 +356,13 @@ def train_unet(vae, text_encoder, unet, scaling_factor: float, args, work: Path,
         pred = unet(xt, torch.from_numpy(t), context).sample
         loss = torch.mean((pred - noise) ** 2)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.unet_steps, args.unet_lr)
+            group["lr"] = lr_at(step, args.unet_lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, live in (("unet", unet), ("text_encoder", text_encoder)):
-                for p_ema, p in zip(ema[name].parameters(), live.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
+        update_ema(ema["unet"], unet, step, args.ema_decay)
+        update_ema(ema["text_encoder"], text_encoder, step, args.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == args.unet_steps - 1:
             log(f"unet step {step} loss {loss.item():.4f} (avg {running:.4f}) lr {opt.param_groups[0]['lr']:.2e} "
@@ -355,8 +388,8 @@ def export(work: Path, seed: int, log: Log) -> Path:
 
     from sdcore.tokenizer import write_vocab_files
 
-    stats = json.loads((work / "checkpoints" / "latents.json").read_text())
-    vae, text_encoder, unet = build_models(seed, scaling_factor=stats["scaling_factor"])
+    scaling_factor = torch.load(work / "checkpoints" / "latents.pt", weights_only=False)["scaling_factor"]
+    vae, text_encoder, unet = build_models(seed, scaling_factor=scaling_factor)
     vae.load_state_dict(torch.load(work / "checkpoints" / "vae.pt", weights_only=False)["vae"])
     ckpt = torch.load(work / "checkpoints" / "unet.pt", weights_only=False)
     unet.load_state_dict(ckpt["ema_unet"])
@@ -372,7 +405,10 @@ def export(work: Path, seed: int, log: Log) -> Path:
                                    feature_extractor=None, requires_safety_checker=False)
     out = work / "diffusers"
     pipe.save_pretrained(out, safe_serialization=True)
-    log(f"exported {out} (unet step {ckpt['step']}, scaling factor {stats['scaling_factor']:.5f})")
+    # transformers 5 saves only tokenizer.json; write the classic vocab.json + merges.txt folder instead.
+    shutil.rmtree(out / "tokenizer")
+    write_vocab_files(out / "tokenizer")
+    log(f"exported {out} (unet step {ckpt['step']}, scaling factor {scaling_factor:.5f})")
     return out
 
 
@@ -426,7 +462,9 @@ def main(argv=None) -> int:
     parser.add_argument("work", type=Path, help="folder for checkpoints, the log and the diffusers export")
     for key, value in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread: on a shared 2-core machine, two OpenMP threads that wait on each other ran 10x slower.
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stop-after-vae", action="store_true")
     parser.add_argument("--export-only", action="store_true")
     parser.add_argument("--evaluate", action="store_true", help="sample the exported model and score it")
     parser.add_argument("--ship", type=Path, help="convert WORK/diffusers into this sdcore model directory")
@@ -451,13 +489,11 @@ def main(argv=None) -> int:
     log(f"training with {json.dumps(vars(args), default=str)}")
     started = time.perf_counter()
     vae, text_encoder, unet = build_models(args.seed)
-    train_vae(vae, args, args.work, log)
-    vae.requires_grad_(False)
-    stats_path = args.work / "checkpoints" / "latents.json"
-    scaling_factor = latent_scaling_factor(vae, args.seed)
-    stats_path.write_text(json.dumps({"scaling_factor": scaling_factor}) + "\n")
-    log(f"latent scaling factor {scaling_factor:.5f}")
-    train_unet(vae, text_encoder, unet, scaling_factor, args, args.work, log)
+    vae = train_vae(vae, args, args.work, log)
+    pool = latent_pool(vae, args.seed, args.pool_size, args.work, log)
+    if args.stop_after_vae:
+        return 0
+    train_unet(pool, text_encoder, unet, args, args.work, log)
     export(args.work, args.seed, log)
     log(f"done in {time.perf_counter() - started:.0f}s of this process")
     return 0

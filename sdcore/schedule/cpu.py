@@ -79,11 +79,60 @@ def _inline_consumers(sch: s_tir.Schedule, block) -> None:
             return
 
 
+def _root_blocks(sch: s_tir.Schedule):
+    try:
+        return list(sch.get_child_blocks(sch.get_sblock("root")))
+    except Exception:  # noqa: BLE001 - no root block: not a legalized operator
+        return None
+
+
+def _is_spatial(block) -> bool:
+    return all(it.iter_type == tirx.IterVar.DataPar for it in block.iter_vars)
+
+
+def _inline_spatial(sch: s_tir.Schedule, keep) -> None:
+    """compute_inline, then reverse_compute_inline where that fails, every all-spatial block not
+    in `keep`, without normalizing the function (its loop structure is left as it is)."""
+    changed = True
+    while changed:
+        changed = False
+        for block in _root_blocks(sch) or []:
+            stmt = sch.get(block)
+            if stmt.name_hint in keep or not _is_spatial(stmt):
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - an output block, or read by a reduction
+                continue
+
+
 def _pick(candidates, total: int, default: int) -> int:
     for c in candidates:
         if c <= total and total % c == 0:
             return c
     return default
+
+
+def matmul_tiles(m: int, n: int, lanes: int) -> tuple[int, int, int, int]:
+    """(NR columns, vector width, MR rows, row tiles per parallel task) of the GEMM micro-kernel.
+
+    NR is a few whole vectors, MR as many rows as keep ~24 of the 32 vector registers busy
+    accumulating; a column count that is not a multiple of the vector width (attention's head
+    size 40) uses narrower vectors rather than a ragged one, which LLVM splits badly.
+    """
+    if n <= 5 * lanes and n % lanes:
+        nr = n
+    else:
+        nr = _pick([4 * lanes, 3 * lanes, 2 * lanes, lanes], n, 4 * lanes)
+    vw = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if nr % v == 0)
+    vecs = -(-nr // lanes) if vw == lanes else nr // vw
+    mr_max = max(1, 24 // vecs)
+    mr = _pick([c for c in (16, 14, 12, 8, 7, 6, 5, 4, 3, 2, 1) if c <= mr_max], m, min(mr_max, m))
+    tiles = -(-m // mr)
+    mc_tiles = _pick(range(max(1, 96 // mr), 0, -1), tiles, 1)  # ~96 rows per parallel task
+    return nr, vw, mr, mc_tiles
 
 
 class Matmul(dlight.ScheduleRule):
@@ -118,7 +167,6 @@ class Matmul(dlight.ScheduleRule):
         if any(not isinstance(it.dom.extent, tirx.IntImm) for it in stmt.iter_vars):
             return None
         m, n, _ = (int(it.dom.extent) for it in stmt.iter_vars[-3:])
-        lanes = _vector_lanes(target)
 
         name = stmt.name_hint
         _inline_producers(sch, keep={name})
@@ -126,28 +174,20 @@ class Matmul(dlight.ScheduleRule):
         writeback = sch.cache_write(block, 0, "local")
         _inline_consumers(sch, writeback)
 
-        # NR columns (whole vectors when possible), MR rows: ~24 of the 32 vector registers accumulate.
-        if n <= 5 * lanes:
-            nr = n
-        else:
-            nr = _pick([4 * lanes, 3 * lanes, 2 * lanes, lanes], n, 4 * lanes)
-        vecs = -(-nr // lanes)
-        mr_max = max(1, 24 // vecs)
-        mr = _pick([c for c in (16, 14, 12, 8, 7, 6, 5, 4, 3, 2, 1) if c <= mr_max], m, min(mr_max, m))
-        tiles = -(-m // mr)
-        mc_tiles = _pick(range(max(1, 96 // mr), 0, -1), tiles, 1)  # ~96 rows per parallel task
-
+        nr, vw, mr, mc_tiles = matmul_tiles(m, n, _vector_lanes(target))
         loops = sch.get_loops(block)
         batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
         i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
-        j_o, j_r = sch.split(j, [None, nr])
-        sch.reorder(*batch, i_o, j_o, i_t, k, i_r, j_r)
+        j_o, j_v, j_l = sch.split(j, [None, nr // vw, vw])
+        sch.reorder(*batch, i_o, j_o, i_t, k, i_r, j_v, j_l)
         sch.parallel(sch.fuse(*batch, i_o, j_o))
         sch.reverse_compute_at(writeback, i_t, preserve_unit_loops=True)
         sch.unroll(i_r)
-        sch.vectorize(j_r)
+        sch.unroll(j_v)
+        sch.vectorize(j_l)
         init = sch.decompose_reduction(block, k)
         init_loops = sch.get_loops(init)
+        sch.unroll(init_loops[-3])
         sch.unroll(init_loops[-2])
         sch.vectorize(init_loops[-1])
         wb_loops = sch.get_loops(writeback)
@@ -242,26 +282,30 @@ class Conv2d(dlight.ScheduleRule):
     def apply(self, func, target: Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
+        # No normalize_prim_func here: it drops unit loops (batch 1, 1x1 windows), and the loop
+        # order (n, f, y, x, rc, ry, rx) of the legalized conv2d is what the tiling below expects.
         sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        blocks = _root_blocks(sch)
+        if blocks is None:
             return None
-        reductions = [b for b in infos if not b.is_injective()]
-        kinds = reductions[0].dom_kind() if len(reductions) == 1 else ""
-        if not (kinds.startswith("SSSSR") and kinds[4:] == "R" * (len(kinds) - 4)):
+        reductions = [b for b in blocks if not _is_spatial(sch.get(b))]
+        if len(reductions) != 1:
             return None
-        stmt = sch.get(reductions[0].block_rv)
+        stmt = sch.get(reductions[0])
+        kinds = "".join("S" if it.iter_type == tirx.IterVar.DataPar else "R" for it in stmt.iter_vars)
+        if kinds != "SSSSRRR" or len(sch.get_loops(reductions[0])) != 7:
+            return None
         if not stmt.name_hint.startswith("conv2d_nchw") or len(stmt.reads) != 2:
             return None
         if any(not isinstance(it.dom.extent, tirx.IntImm) for it in stmt.iter_vars):
             return None
         _, f, h, w = (int(it.dom.extent) for it in stmt.iter_vars[:4])
-        window = [int(it.dom.extent) for it in stmt.iter_vars[4:]]
+        window = [int(it.dom.extent) for it in stmt.iter_vars[5:]]
         lanes = _vector_lanes(target)
         name = stmt.name_hint
         # a 1x1 window reads its input directly: the (zero-width) padding copy is inlined
-        pad = stmt.reads[0].source.name if len(window) == 3 and window[1:] != [1, 1] else None
-        _inline_producers(sch, keep={name, pad})
+        pad = stmt.reads[0].source.name if window != [1, 1] else None
+        _inline_spatial(sch, keep={name, pad})
         block = sch.get_sblock(name)
         writeback = sch.cache_write(block, 0, "local")
         _inline_consumers(sch, writeback)
@@ -293,10 +337,10 @@ class Conv2d(dlight.ScheduleRule):
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
         sch.vectorize(sch.get_loops(writeback)[-1])
-        # the padding copy: parallel over (n, c), vectorized along the row
-        for info in normalize_prim_func(sch) or []:
-            if sch.get(info.block_rv).name_hint == pad:
-                _parallel_vectorize(sch, info, lanes)
+        if pad is not None:  # the padding copy: parallel over (n, c, row), vectorized along the row
+            loops = sch.get_loops(sch.get_sblock(pad))
+            sch.parallel(sch.fuse(*loops[:-1]))
+            sch.vectorize(loops[-1])
         return sch
 
 

@@ -64,6 +64,12 @@ def _gather_rows(x: nn.Tensor, index: nn.Tensor, name: str) -> nn.Tensor:
     return op.tensor_expr_op(gather, name, [x, index])
 
 
+def _take(x: nn.Tensor, indices: nn.Tensor, axis: int) -> nn.Tensor:
+    # The indices are in range by construction; "clip" instead of the default "fast" mode costs a
+    # clamp per index and keeps TOPI from printing a warning per call into every compile log.
+    return op.wrap_nested(relax.op.take(x._expr, indices._expr, axis=axis, mode="clip"), name="tome_take")
+
+
 def _scatter(data: nn.Tensor, index: nn.Tensor, updates: nn.Tensor, reduction: str, name: str) -> nn.Tensor:
     # nn.op has no scatter; Relax's scatter_elements "mean" is a running pairwise average, not
     # torch's mean, so merging uses "add" and divides by the count itself.
@@ -103,8 +109,8 @@ def bipartite_soft_matching_random2d(
     if metric.dtype != "float32":
         metric = metric.astype("float32")
     metric = metric / op.sqrt(op.sum(metric * metric, axis=-1, keepdims=True))
-    a = op.take(metric, a_idx, axis=1)  # [B, Ns, C]
-    b = op.take(metric, b_idx, axis=1)  # [B, Nd, C]
+    a = _take(metric, a_idx, axis=1)  # [B, Ns, C]
+    b = _take(metric, b_idx, axis=1)  # [B, Nd, C]
     scores = op.matmul(a, op.permute_dims(b, (0, 2, 1)))  # [B, Ns, Nd]
 
     node_max = op.max(scores, axis=-1)  # [B, Ns]
@@ -115,8 +121,8 @@ def bipartite_soft_matching_random2d(
     src_idx, unm_idx = op.split(edge_idx, [r], axis=1) if n_unm else (edge_idx, None)  # [B, r], [B, Ns - r]
     dst_idx = op.wrap_nested(relax.op.gather_elements(node_idx._expr, src_idx._expr, axis=1),
                              name="tome_dst_idx")  # [B, r]: destination (0..Nd-1) of each merged source
-    unm_tok = op.take(a_idx, unm_idx, axis=0) if n_unm else None  # [B, Ns - r]: tokens left unmerged
-    src_tok = op.take(a_idx, src_idx, axis=0)  # [B, r]: token index of each merged source
+    unm_tok = _take(a_idx, unm_idx, axis=0) if n_unm else None  # [B, Ns - r]: tokens left unmerged
+    src_tok = _take(a_idx, src_idx, axis=0)  # [B, r]: token index of each merged source
 
     # How many tokens each destination averages, itself included.
     counts = _scatter(op.ones((batch, num_dst), "int32"), dst_idx, op.ones((batch, r), "int32"), "add",
@@ -142,7 +148,7 @@ def bipartite_soft_matching_random2d(
         if c not in expanded:  # scatter_elements wants an index as large as its updates
             expanded[c] = op.broadcast_to(op.reshape(dst_idx, (batch, r, 1)), (batch, r, c))  # [B, r, C]
         src = _gather_rows(x, src_tok, "tome_gather_src")  # [B, r, C]
-        dst = op.take(x, b_idx, axis=1)  # [B, Nd, C]
+        dst = _take(x, b_idx, axis=1)  # [B, Nd, C]
         dst = _scatter(dst, expanded[c], src, "add", "tome_scatter_add") / counts.astype(x.dtype)  # mean
         if not n_unm:
             return dst  # [B, N - r, C]
