@@ -116,6 +116,12 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _run_parity(args) -> int:
+    from sdcore.parity_tool import main as parity_main
+
+    return parity_main(args.parity_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdcore", description="Stable Diffusion in Apache TVM Relax.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log compile and cache details")
@@ -123,10 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     for mode in ("txt2img", "img2img", "inpaint"):
         _add_generate(sub, mode)
+    p = sub.add_parser("parity", help="compare a converted model with diffusers, layer by layer",
+                       description="Same as `python -m sdcore.parity`; its arguments follow (see `sdcore parity -h`).",
+                       add_help=False)
+    p.add_argument("parity_args", nargs=argparse.REMAINDER)
     return parser
 
 
-COMMANDS = {"convert": _run_convert, "txt2img": _run_generate, "img2img": _run_generate, "inpaint": _run_generate}
+COMMANDS = {"convert": _run_convert, "txt2img": _run_generate, "img2img": _run_generate, "inpaint": _run_generate,
+            "parity": _run_parity}
 
 
 def main(argv: list[str] | None = None) -> int:

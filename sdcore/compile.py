@@ -216,13 +216,14 @@ def relax_pipeline(target, schedule: bool = True):
 
     if not schedule or target.kind.name != "llvm":
         return "default"
-    from sdcore.schedule import schedule_cpu
+    from sdcore.schedule import FastExp, schedule_cpu
 
     @tvm.transform.module_pass(opt_level=0, name="SdcoreCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
             return tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target)
+                + [FastExp()]
                 + cpu.legalize_passes(target)
                 + [schedule_cpu()]
                 + cpu.dataflow_lower_passes(target)
@@ -237,9 +238,12 @@ def pipeline_id(target, schedule: bool = True) -> str:
     rule invalidates the libraries built with the old one."""
     if not schedule or target.kind.name != "llvm":
         return "default-v1"
-    from sdcore.schedule import cpu as rules
+    from sdcore import schedule
 
-    return "cpu-schedule-" + hashlib.sha256(Path(rules.__file__).read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for path in sorted(Path(schedule.__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return "cpu-schedule-" + h.hexdigest()[:16]
 
 
 def _load_cached(lib_path: Path, meta_path: Path):

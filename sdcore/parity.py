@@ -192,3 +192,9 @@ def reference_taps(torch_module, names: Iterable[str], run: Callable[[], object]
         for h in handles:
             h.remove()
     return result, outputs
+
+
+if __name__ == "__main__":  # python -m sdcore.parity MODEL_DIR
+    from sdcore.parity_tool import main
+
+    raise SystemExit(main())

@@ -14,6 +14,8 @@ input `tome_rand` (`unet_tome_inputs` draws it on the host from a seed).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
@@ -213,7 +215,7 @@ def tome_plans(config: UNetConfig, tome: ToMeConfig | None, batch: int, height: 
 
 
 def unet_tome_inputs(config: UNetConfig, tome: ToMeConfig | None, batch: int, height: int, width: int,
-                     seed) -> tuple:
+                     seed: int | Sequence[int]) -> tuple:
     """The extra inputs of the compiled forward: (tome_rand,) with random destinations drawn from
     `seed` (an int or a tuple such as (seed, step)), or () when the graph takes none."""
     rand = tome.random_indices(tome_plans(config, tome, batch, height, width), seed) if tome else None
