@@ -67,13 +67,18 @@ class CompiledModel:
     the parameters and returns NumPy arrays (a tuple when the function returns several outputs).
     """
 
-    def __init__(self, vm, device, param_names: Sequence[str], param_shapes: Sequence[tuple], param_dtypes):
+    def __init__(self, vm, device, param_names: Sequence[str], param_shapes: Sequence[tuple], param_dtypes,
+                 transforms: dict[str, str] | None = None):
         self.vm = vm
         self.device = device
         self.param_names = list(param_names)
         self.param_shapes = [tuple(s) for s in param_shapes]
         self.param_dtypes = list(param_dtypes)
+        # exported function -> its lifted weight transform (`<function>_transform_params`), which
+        # set_params runs once: the function itself takes the prepared weights
+        self.transforms = dict(transforms or {})
         self._params: list | None = None
+        self._prepared: dict[str, list] = {}
 
     @property
     def has_params(self) -> bool:
@@ -105,10 +110,12 @@ class CompiledModel:
                 bound.append(array)
             else:
                 bound.append(tvm.runtime.tensor(np.ascontiguousarray(array, dtype=dtype), self.device))
+        self._prepared = {fn: list(self.vm[t](bound)) for fn, t in self.transforms.items()}
         self._params = bound
 
     def release_params(self) -> None:
         self._params = None
+        self._prepared = {}
 
     def __getattr__(self, name: str):
         if name.startswith("_") or name in ("vm", "device"):
@@ -122,7 +129,7 @@ class CompiledModel:
             raise SdcoreError("parameters are not bound: call set_params() first.")
         args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
                 for x in inputs]
-        out = self.vm[function](*args, *self._params)
+        out = self.vm[function](*args, *self._prepared.get(function, self._params))
         return _to_numpy(out)
 
 
@@ -194,6 +201,14 @@ def build(
         if lib is not None:
             logger.info("loaded %s from cache (%s)", name, lib_path.name)
 
+    transforms = {}
+    if schedule and target.kind.name == "llvm":
+        # weight-only computations (the transposes of every nn.Linear weight) move into
+        # `<function>_transform_params`, run once when the weights are bound
+        ir_mod = relax.transform.LiftTransformParams()(ir_mod)
+        names = {gv.name_hint for gv in ir_mod.get_global_vars()}
+        transforms = {fn: fn + "_transform_params" for fn in spec if fn + "_transform_params" in names}
+
     if lib is None:
         start = time.perf_counter()
         executable = relax.build(ir_mod, target=target, relax_pipeline=relax_pipeline(target, schedule))
@@ -205,7 +220,7 @@ def build(
         else:
             lib = executable
     vm = relax.VirtualMachine(lib, device)
-    return CompiledModel(vm, device, param_names, param_shapes, param_dtypes)
+    return CompiledModel(vm, device, param_names, param_shapes, param_dtypes, transforms)
 
 
 def relax_pipeline(target, schedule: bool = True):
@@ -243,7 +258,7 @@ def pipeline_id(target, schedule: bool = True) -> str:
     h = hashlib.sha256()
     for path in sorted(Path(schedule.__file__).parent.glob("*.py")):
         h.update(path.read_bytes())
-    return "cpu-schedule-" + h.hexdigest()[:16]
+    return "cpu-schedule-lift-" + h.hexdigest()[:16]
 
 
 def _load_cached(lib_path: Path, meta_path: Path):

@@ -53,7 +53,10 @@ def infotext(params: dict) -> str:
     keys = [("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "guidance_scale"), ("Seed", "seed"),
             ("Size", "size"), ("Model hash", "model_hash"), ("Model", "model"), ("Denoising strength", "strength"),
             ("Clip skip", "clip_skip"), ("ToMe ratio", "tome_ratio"), ("Version", "version")]
-    fields = [f"{label}: {params[key]}" for label, key in keys if params.get(key) not in (None, "")]
+    values = dict(params)
+    if values.get("clip_skip"):  # diffusers' clip_skip=1 (penultimate layer) is A1111's "Clip skip: 2"
+        values["clip_skip"] = values["clip_skip"] + 1
+    fields = [f"{label}: {values[key]}" for label, key in keys if values.get(key) not in (None, "")]
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

@@ -278,10 +278,14 @@ class StableDiffusion:
                 raise SdcoreError(f"latents have shape {latents.shape}, expected {(batch_size, *lat_shape)} "
                                   f"for {width}x{height} and batch size {batch_size}.", exit_code=2)
 
-        probe = make_sampler(sampler, self.scheduler_config, steps)  # an unknown name fails before any work
+        try:  # an unknown name or a bad strength fails here, before any work
+            probe = make_sampler(sampler, self.scheduler_config, steps)
+            start_index = probe.img2img_start(strength) if mode != "txt2img" and strength < 1.0 else 0
+        except SdcoreError as err:
+            raise SdcoreError(str(err), exit_code=2) from None
         n_steps = len(probe.timesteps)
         # diffusers' get_timesteps: int(strength * steps) steps run, from index (steps - that) * order
-        t_start = 0 if mode == "txt2img" or (mode == "inpaint" and strength >= 1.0) else probe.img2img_start(strength)
+        t_start = 0 if mode == "txt2img" or (mode == "inpaint" and strength >= 1.0) else start_index
         if t_start >= n_steps:
             raise SdcoreError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
                               f"or the number of steps.", exit_code=2)

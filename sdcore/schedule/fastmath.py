@@ -56,7 +56,7 @@ class _FastMath(PyExprMutator):
         call = super().visit_call_(call)
         if not isinstance(call.op, tvm.ir.Op) or not call.args:
             return call
-        info = getattr(call.args[0], "struct_info", None)
+        info = getattr(call.args[0], "ty", None)
         if not isinstance(info, relax.TensorType) or info.dtype != "float32":
             return call
         name = call.op.name

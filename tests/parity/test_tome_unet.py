@@ -35,7 +35,7 @@ tomesd = pytest.importorskip("tomesd", reason="the reference is tomesd 0.1.3")
 import tomesd.merge  # noqa: E402
 
 from sdcore.errors import SdcoreError  # noqa: E402
-from sdcore.parity import build_tapped, compare, format_table, reference_taps  # noqa: E402
+from sdcore.parity import TOLERANCES, build_tapped, compare, format_table, reference_taps  # noqa: E402
 from sdcore.tome import ToMeConfig, reference  # noqa: E402
 from sdcore.tome.config import log_lines  # noqa: E402
 from sdcore.unet import UNetConfig  # noqa: E402
@@ -52,6 +52,7 @@ TINY = dict(
 BATCH, SEQ_LEN = 2, 16  # an even batch (cond + uncond), else tomesd turns use_rand off
 # Several times the float32 drift between the two sides' hidden states at a block's input.
 MARGIN = 2e-5
+PSNR_FP32 = TOLERANCES["float32"]["min_psnr"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,13 +185,16 @@ def _run_case(case: Case, kwargs: dict, monkeypatch, cache_dir):
                                                           torch.from_numpy(text)).sample)
     assert not recorder.destinations, "tomesd drew fewer destinations than sdcore planned"
     assert len(recorder.margins) == sum(plan.merges for _, plan in plans), "tomesd merged other blocks"
+    margins = iter(recorder.margins)
+    block_margins = [next(margins) if plan.merges else np.inf for _, plan in plans]  # one per block
 
-    rows = [compare(f"{name} ({plan.tokens}->{plan.tokens_after})" if plan.merges else name, out, taps[name])
-            for (name, plan), out in zip(plans, outputs[n_out:])]
+    rows = [compare(f"{name} ({plan.tokens}->{plan.tokens_after}, margin {m:.0e})" if plan.merges else name,
+                    out, taps[name])
+            for (name, plan), m, out in zip(plans, block_margins, outputs[n_out:])]
     rows.append(compare("noise prediction", outputs[0], result.numpy()))
     print(format_table(rows, title=f"UNet + ToMe {case.label}: compile {compile_s:.1f} s, "
                                    f"smallest matching margin {min(recorder.margins):.1e}"))
-    return rows, recorder.margins
+    return rows, block_margins
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
@@ -294,12 +298,19 @@ def test_grid_too_small_for_a_window():
 
 @pytest.mark.slow
 def test_tome_unet_parity_sd15(monkeypatch, tmp_path):
-    """SD1.5's UNet shape with random weights, batch 2, 64x64 latents (512x512), ratio 0.5."""
+    """SD1.5's UNet shape with random weights, batch 2, 64x64 latents (512x512), ratio 0.5, top-left.
+
+    At 4096 tokens, random data gives thousands of matching decisions, some won by less than the
+    fp32 drift between the two sides (5e-8 at seed 0, against ~1e-6): such a decision may go the
+    other way and move a few tokens' outputs by ~1e-3 relative. So the fp32 thresholds hold for every
+    output up to the first block with a near-tie; from there on, every output must still keep the
+    fp32 PSNR (a flipped near-tie costs ~90 dB; a wrong merge gives 35-40 dB, as ToMe itself does).
+    """
     from sdcore.presets import preset
 
     sd15 = {k: v for k, v in preset("sd15")["unet"].items() if k != "sample_size"}
     case = Case(64, 64, ToMeConfig(ratio=0.5, max_downsample=1, use_rand=False))
     rows, margins = _run_case(case, sd15, monkeypatch, tmp_path)
-    assert min(margins) > MARGIN, f"near-tie in the matching ({min(margins):.1e}): choose another seed"
-    bad = [r.name for r in rows if not r.ok]
+    tied = np.cumsum([m <= MARGIN for m in margins] + [0]) > 0  # at or after a block with a near-tie
+    bad = [r.name for r, after_tie in zip(rows, tied) if not (r.psnr >= PSNR_FP32 if after_tie else r.ok)]
     assert not bad, f"outputs off diffusers+tomesd: {bad}"

@@ -1,0 +1,100 @@
+"""The `sdcore` command on a converted tiny model: a txt2img run writes a PNG with its parameters, and
+every bad argument ends in one line on stderr and exit status 2 (1 for unreadable inputs), before
+any compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdcore.cli import main
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (128, 128), (200, 30, 30)).save(root / "init.png")
+    mask = np.zeros((128, 128), np.uint8)
+    mask[32:96, 32:96] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    Image.new("L", (64, 64), 255).save(root / "small-mask.png")
+    return root
+
+
+def test_txt2img_writes_png_with_parameters(checkpoints, compile_cache, tmp_path, capsys):
+    model = checkpoints.converted("tiny-sd1")
+    out = tmp_path / "out.png"
+    code, stdout, err = _run(["txt2img", "--model", model, "--prompt", "a red circle", "--negative-prompt", "blurry",
+                              "--steps", "3", "--sampler", "Euler a", "--seed", "42", "--cache-dir", compile_cache,
+                              "--no-progress", "--output", out], capsys)
+    assert code == 0, err
+    assert f"wrote {out}" in stdout
+    assert Image.open(out).size == (128, 128)
+    text = Image.open(out).text["parameters"]
+    assert text.startswith("a red circle\nNegative prompt: blurry\n")
+    for fragment in ("Steps: 3", "Sampler: Euler a", "CFG scale: 7.5", "Seed: 42", "Size: 128x128"):
+        assert fragment in text, text
+    assert not [p for p in tmp_path.iterdir() if p.name != "out.png"], "temporary file left behind"
+
+
+BAD = {
+    "unknown sampler": (["txt2img", "--sampler", "Heun++ 9000"], 2, "sampler"),
+    "size not a multiple of 8": (["txt2img", "--width", "100"], 2, "multiple of 8"),
+    "size too small": (["txt2img", "--height", "16"], 2, "between 64"),
+    "steps zero": (["txt2img", "--steps", "0"], 2, "steps"),
+    "guidance negative": (["txt2img", "--guidance-scale", "-1"], 2, "guidance"),
+    "batch size zero": (["txt2img", "--batch-size", "0"], 2, "batch size"),
+    "seed negative": (["txt2img", "--seed", "-5"], 2, "seed"),
+    "clip skip too large": (["txt2img", "--clip-skip", "9"], 2, "clip skip"),
+    "not a png": (["txt2img", "--output", "{tmp}/x.jpg"], 2, ".png"),
+    "missing output folder": (["txt2img", "--output", "{tmp}/no/x.png"], 2, "does not exist"),
+    "latents wrong shape": (["txt2img", "--latents", "{tmp}/lat.npy"], 2, "latents have shape"),
+    "missing init image": (["img2img", "--init-image", "{tmp}/none.png"], 2, "does not exist"),
+    "strength above 1": (["img2img", "--init-image", "{img}/init.png", "--strength", "1.5"], 2, "strength"),
+    "strength zero": (["img2img", "--init-image", "{img}/init.png", "--strength", "0"], 2, "strength"),
+    "strength negative": (["img2img", "--init-image", "{img}/init.png", "--strength", "-0.1"], 2, "strength"),
+    "mask size mismatch": (["inpaint", "--init-image", "{img}/init.png", "--mask", "{img}/small-mask.png"], 2,
+                           "same size"),
+    "missing mask": (["inpaint", "--init-image", "{img}/init.png"], 2, "--mask"),
+    "init image not an image": (["img2img", "--init-image", "{tmp}/lat.npy"], 1, "not a readable image"),
+    "txt2img on inpainting model": (["txt2img", "--model", "{inpaint}"], 2, "inpainting model"),
+    "unknown option": (["txt2img", "--frobnicate"], 2, "unrecognized"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_arguments(case, checkpoints, images, tmp_path, capsys):
+    argv, expected_code, fragment = BAD[case]
+    np.save(tmp_path / "lat.npy", np.zeros((1, 4, 3, 3), np.float32))
+    fills = {"tmp": tmp_path, "img": images}
+    if "{inpaint}" in argv:
+        fills["inpaint"] = checkpoints.converted("tiny-sd1", inpainting=True)
+    argv = [a.format(**fills) for a in argv]
+    command, rest = argv[0], argv[1:]
+    base = [command, "--prompt", "x", "--steps", "4", "--output", str(tmp_path / "o.png")]
+    if "--model" not in rest:
+        base += ["--model", str(checkpoints.converted("tiny-sd1"))]
+    capsys.readouterr()  # drop what building the fixtures printed
+    code, _, err = _run(base + rest, capsys)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == expected_code, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("model", ["empty", "missing"])
+def test_bad_model_dir(model, tmp_path, capsys):
+    path = tmp_path / "model"
+    if model == "empty":
+        path.mkdir()
+    code, _, err = _run(["txt2img", "--model", path, "--prompt", "x", "--output", tmp_path / "o.png"], capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert ("no sdcore.json" if model == "empty" else "does not exist") in err
