@@ -9,4 +9,12 @@ __version__ = "0.1.0"
 from sdcore.errors import SdcoreError
 from sdcore.models import demo_model_path
 
-__all__ = ["SdcoreError", "__version__", "demo_model_path"]
+__all__ = ["SdcoreError", "StableDiffusion", "__version__", "demo_model_path"]
+
+
+def __getattr__(name):  # sdcore.StableDiffusion without loading the pipeline at import time
+    if name == "StableDiffusion":
+        from sdcore.pipeline import StableDiffusion
+
+        return StableDiffusion
+    raise AttributeError(f"module 'sdcore' has no attribute {name!r}")

@@ -174,9 +174,14 @@ class Matmul(dlight.ScheduleRule):
         writeback = sch.cache_write(block, 0, "local")
         _inline_consumers(sch, writeback)
 
-        nr, vw, mr, mc_tiles = matmul_tiles(m, n, _vector_lanes(target))
         loops = sch.get_loops(block)
         batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
+        if batch and len(b_idx) == 2:
+            # the weight is shared by the batch: one GEMM of batch x M rows streams it once
+            for lp in batch:
+                m *= _extent(sch, lp) or 1
+            i, batch = sch.fuse(*batch, i), []
+        nr, vw, mr, mc_tiles = matmul_tiles(m, n, _vector_lanes(target))
         i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
         j_o, j_v, j_l = sch.split(j, [None, nr // vw, vw])
         sch.reorder(*batch, i_o, j_o, i_t, k, i_r, j_v, j_l)
@@ -195,6 +200,29 @@ class Matmul(dlight.ScheduleRule):
         return sch
 
 
+def _rows_match(func) -> bool:
+    """Whether every block's leading spatial loops are the last block's: dlight's Reduction rule
+    computes every block at those loops, which for GroupNorm (statistics per group, output per
+    channel) would redo a group's statistics once per channel."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return False
+
+    def lead(info):
+        kinds = info.dom_kind()
+        n = len(kinds) - len(kinds.lstrip("S"))
+        return [it.dom for it in info.iters[:n]]
+
+    last = [int(d) if isinstance(d, (int, tirx.IntImm)) else None for d in lead(infos[-1])]
+    for info in infos[:-1]:
+        ext = [int(d) if isinstance(d, (int, tirx.IntImm)) else None for d in lead(info)]
+        k = min(len(ext), len(last))
+        if k == 0 or ext[:k] != last[:k]:
+            return False
+    return True
+
+
 class Generic(dlight.ScheduleRule):
     """Everything else: parallel outer spatial loops, vectorized innermost spatial loop, per block.
 
@@ -208,10 +236,12 @@ class Generic(dlight.ScheduleRule):
     def apply(self, func, target: Target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
-        try:
-            sch = self._reduction.apply(func, target, tunable)
-        except Exception:  # noqa: BLE001 - the rule does not fit this function
-            sch = None
+        sch = None
+        if _rows_match(func):
+            try:
+                sch = self._reduction.apply(func, target, tunable)
+            except Exception:  # noqa: BLE001 - the rule does not fit this function
+                sch = None
         if sch is not None:
             return sch
         sch = s_tir.Schedule(func)
