@@ -83,6 +83,7 @@ UNET_CONFIG = {
 }
 
 DEFAULTS = {"seed": 0, "vae_steps": 1500, "vae_batch": 8, "vae_lr": 1e-3, "kl_weight": 1e-7, "vae_ema_decay": 0.99,
+            "decoder_steps": 2000,
             "pool_size": 8192, "unet_steps": 8000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
             "checkpoint_every": 100}
 
@@ -229,6 +230,70 @@ class Log:
         self.file.flush()
 
 
+def reconstruction_loss(recon, x, labels):
+    """MSE + L1, the shape's pixels weighted SHAPE_WEIGHT times: the shape covers a tenth of the
+    image, and without the weight the VAE learns the background first and paints every shape one
+    muddy colour for a long time."""
+    import torch
+
+    bg = np.array([BACKGROUNDS[lb["background"]] for lb in labels], np.float32)[:, :, None, None] / 127.5 - 1
+    shape = (x - torch.from_numpy(bg)).abs().sum(1, keepdim=True) > 0.02  # [B, 1, H, W]
+    weight = 1.0 + (SHAPE_WEIGHT - 1.0) * shape.float()
+    return torch.mean(weight * ((recon - x) ** 2 + torch.abs(recon - x))) / weight.mean()
+
+
+def train_decoder(vae, args, work: Path, log: Log):
+    """Fine-tune the decoder (and post_quant_conv) with the encoder frozen, like SD's ft-MSE VAE:
+    the latents, and so the UNet's data, do not change. Returns the VAE with the EMA decoder."""
+    import copy
+
+    import torch
+
+    ckpt_path = work / "checkpoints" / "decoder.pt"
+    live = copy.deepcopy(vae)
+    params = list(live.decoder.parameters()) + list(live.post_quant_conv.parameters())
+    live.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
+    ema = copy.deepcopy(vae).eval()
+    start, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        live.load_state_dict(ckpt["vae_live"])
+        ema.load_state_dict(ckpt["vae"])
+        opt.load_state_dict(ckpt["opt"])
+        start, elapsed = ckpt["step"], ckpt["elapsed"]
+        log(f"decoder: resumed at step {start}")
+    live.decoder.train()
+    t0 = time.perf_counter() - elapsed
+    for step in range(start, args.decoder_steps):
+        rng = step_rng(args.seed, 5, step)
+        images, _, labels = sample_batch(rng, args.vae_batch)
+        x = to_tensor(images)
+        with torch.no_grad():
+            posterior = live.encode(x).latent_dist
+        eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
+        recon = live.decode(posterior.mean + posterior.std * eps).sample
+        loss = reconstruction_loss(recon, x, labels)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for name in ("decoder", "post_quant_conv"):
+            update_ema(getattr(ema, name), getattr(live, name), step, args.vae_ema_decay)
+        if step % 50 == 0 or step == args.decoder_steps - 1:
+            mse = torch.mean((recon - x) ** 2).item()
+            log(f"decoder step {step} loss {loss.item():.5f} (PSNR {10 * math.log10(4.0 / max(mse, 1e-12)):.1f} dB) "
+                f"{time.perf_counter() - t0:.0f}s")
+        if (step + 1) % args.checkpoint_every == 0 or step == args.decoder_steps - 1:
+            save_atomic({"vae": ema.state_dict(), "vae_live": live.state_dict(), "opt": opt.state_dict(),
+                         "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
+    return ema
+
+
 def train_vae(vae, args, work: Path, log: Log):
     """Train the VAE; returns its EMA copy (the weights that are used from then on)."""
     import copy
@@ -256,12 +321,8 @@ def train_vae(vae, args, work: Path, log: Log):
         eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
         z = posterior.mean + posterior.std * eps
         recon = vae.decode(z).sample
-        # The shape covers a tenth of the image: without weighting its pixels, the VAE learns the
-        # background first and paints every shape one muddy colour for a long time.
-        bg = np.array([BACKGROUNDS[lb["background"]] for lb in labels], np.float32)[:, :, None, None] / 127.5 - 1
-        weight = 1.0 + (SHAPE_WEIGHT - 1.0) * ((x - torch.from_numpy(bg)).abs().sum(1, keepdim=True) > 0.02).float()
+        loss_rec = reconstruction_loss(recon, x, labels)
         mse = torch.mean((recon - x) ** 2)
-        loss_rec = torch.mean(weight * ((recon - x) ** 2 + torch.abs(recon - x))) / weight.mean()
         kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
         loss = loss_rec + args.kl_weight * kl
         for group in opt.param_groups:
@@ -396,7 +457,8 @@ def export(work: Path, seed: int, log: Log) -> Path:
 
     scaling_factor = torch.load(work / "checkpoints" / "latents.pt", weights_only=False)["scaling_factor"]
     vae, text_encoder, unet = build_models(seed, scaling_factor=scaling_factor)
-    vae.load_state_dict(torch.load(work / "checkpoints" / "vae.pt", weights_only=False)["vae"])
+    vae_ckpt = work / "checkpoints" / ("decoder.pt" if (work / "checkpoints" / "decoder.pt").exists() else "vae.pt")
+    vae.load_state_dict(torch.load(vae_ckpt, weights_only=False)["vae"])
     ckpt = torch.load(work / "checkpoints" / "unet.pt", weights_only=False)
     unet.load_state_dict(ckpt["ema_unet"])
     text_encoder.load_state_dict(ckpt["ema_text_encoder"])
@@ -471,6 +533,7 @@ def main(argv=None) -> int:
     # One thread: on a shared 2-core machine, two OpenMP threads that wait on each other ran 10x slower.
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stop-after-vae", action="store_true")
+    parser.add_argument("--decoder-only", action="store_true", help="stop after the decoder fine-tuning")
     parser.add_argument("--export-only", action="store_true")
     parser.add_argument("--evaluate", action="store_true", help="sample the exported model and score it")
     parser.add_argument("--ship", type=Path, help="convert WORK/diffusers into this sdcore model directory")
@@ -498,6 +561,9 @@ def main(argv=None) -> int:
     vae = train_vae(vae, args, args.work, log)
     pool = latent_pool(vae, args.seed, args.pool_size, args.work, log)
     if args.stop_after_vae:
+        return 0
+    train_decoder(vae, args, args.work, log)  # independent of the UNet: its own process with --decoder-only
+    if args.decoder_only:
         return 0
     train_unet(pool, text_encoder, unet, args, args.work, log)
     export(args.work, args.seed, log)

@@ -147,3 +147,26 @@ def test_inpaint(checkpoints, compile_cache, test_image, inpainting_model):
         ref = ref_pipe("a green star", image=image, mask_image=mask, num_inference_steps=8, guidance_scale=7.5,
                        latents=torch.from_numpy(x_t).float(), height=SIZE, width=SIZE).images[0]
     assert _max_diff(ours, ref) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,prediction_type", [("sd15", "epsilon"), ("sd21", "v_prediction")])
+def test_txt2img_full_size(checkpoints, compile_cache, preset, prediction_type):
+    """SD1.5 / SD2.1-shaped random-weight models at their native size, 3 DDIM steps with guidance."""
+    import torch
+
+    src = checkpoints.diffusers(preset, prediction_type=prediction_type)
+    model = checkpoints.converted(preset, prediction_type=prediction_type)
+    pipe = StableDiffusion.load(model, cache_dir=compile_cache)
+    size = pipe.default_size
+    rng = np.random.Generator(np.random.PCG64(SEED))
+    x_t = randn(rng, (1, 4, size // 8, size // 8))
+    ours = pipe.txt2img("a red circle", "blurry", steps=3, guidance_scale=7.5, sampler="DDIM", seed=SEED,
+                        latents=x_t, progress=False).images[0]
+    ref_pipe = _diffusers_pipe("StableDiffusionPipeline", src, "DDIM")
+    with patched_randn(NoiseFeed([])):
+        ref = ref_pipe("a red circle", negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5,
+                       latents=torch.from_numpy(x_t).float(), height=size, width=size).images[0]
+    diff = _max_diff(ours, ref)
+    print(f"{preset} {size}x{size}: max pixel difference {diff}/255")
+    assert diff <= MAX_PIXEL_DIFF

@@ -1,0 +1,117 @@
+"""sdcore's CPU schedules (sdcore/schedule) give the numbers of TVM's unscheduled build.
+
+Each case builds one small module twice, `schedule=True` (fast-exp rewrite, lifted weight
+transposes, hand-written schedule rules) and `schedule=False` (TVM's default pipeline), and
+compares: the same sums in another order, plus a polynomial exp, so agreement is to ~1e-5 relative.
+Shapes are chosen to hit every branch of the rules: batch 1 and 2, widths that are and are not
+multiples of the vector width, head sizes of 40 and 77 keys, 1x1/3x3/stride-2 convolutions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from sdcore.compile import build
+from sdcore.ops import attention
+from sdcore.schedule.cpu import matmul_tiles
+
+
+class _Linear(nn.Module):
+    def __init__(self, k, n):
+        self.lin = nn.Linear(k, n)
+
+    def forward(self, x):
+        return op.gelu(self.lin(x))  # bias and GELU: an epilogue inlined into the write-back
+
+
+class _Attention(nn.Module):
+    def __init__(self, heads):
+        self.heads = heads
+
+    def forward(self, q, k, v):
+        return attention(q, k, v, self.heads)
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self, c, o, kernel, stride):
+        self.norm = nn.GroupNorm(4, c)
+        self.conv = nn.Conv2D(c, o, kernel, stride=stride, padding=kernel // 2)
+
+    def forward(self, x):
+        return self.conv(op.silu(self.norm(x)))
+
+
+class _Softmax(nn.Module):
+    def forward(self, x):
+        return op.softmax(x * 3.0, axis=-1) + op.sigmoid(x)
+
+
+def _both(module, spec: dict, tmp_path, inputs, seed=0):
+    """(scheduled output, unscheduled output) with the same random weights."""
+    outs, params = [], None
+    for scheduled in (True, False):
+        cm = build(module, spec, name="schedule-test", cache_dir=tmp_path, use_cache=False, schedule=scheduled)
+        if params is None:
+            rng = np.random.default_rng(seed)
+            params = {n: (rng.standard_normal(s) * 0.2).astype(d) for n, s, d in
+                      zip(cm.param_names, cm.param_shapes, cm.param_dtypes)}
+        cm.set_params(params)
+        outs.append(cm.forward(*inputs))
+    return outs
+
+
+def _close(ours, ref, rtol=2e-5):
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(ours - ref).max())
+    assert err <= rtol * max(scale, 1e-6), f"max abs error {err} at scale {scale}"
+
+
+@pytest.mark.parametrize("batch,m,k,n", [(2, 24, 40, 48), (1, 7, 16, 80), (2, 5, 33, 20)])
+def test_linear_matches_unscheduled(tmp_path, batch, m, k, n):
+    x = np.random.default_rng(1).standard_normal((batch, m, k)).astype("float32")
+    spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
+    ours, ref = _both(_Linear(k, n), spec, tmp_path, [x])
+    _close(ours, ref)
+
+
+@pytest.mark.parametrize("n,m,heads,d", [(64, 64, 2, 40), (48, 77, 1, 16)])
+def test_attention_matches_unscheduled(tmp_path, n, m, heads, d):
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((2, n, heads * d)).astype("float32")
+    k = rng.standard_normal((2, m, heads * d)).astype("float32")
+    v = rng.standard_normal((2, m, heads * d)).astype("float32")
+    spec = {"forward": {name: nn.spec.Tensor(a.shape, "float32") for name, a in (("q", q), ("k", k), ("v", v))}}
+    ours, ref = _both(_Attention(heads), spec, tmp_path, [q, k, v])
+    _close(ours, ref)
+
+
+@pytest.mark.parametrize("batch,c,o,hw,kernel,stride", [
+    (2, 8, 16, 16, 3, 1),   # 16 columns: one vector per row
+    (1, 8, 12, 8, 3, 1),    # 8 columns: rows stacked in the register tile
+    (1, 8, 8, 12, 1, 1),    # 1x1: no padding copy
+    (2, 8, 8, 10, 3, 2),    # stride 2, odd output width
+])
+def test_conv_matches_unscheduled(tmp_path, batch, c, o, hw, kernel, stride):
+    x = np.random.default_rng(3).standard_normal((batch, c, hw, hw)).astype("float32")
+    spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
+    ours, ref = _both(_ConvBlock(c, o, kernel, stride), spec, tmp_path, [x])
+    _close(ours, ref)
+
+
+def test_softmax_sigmoid_fast_exp(tmp_path):
+    x = (np.random.default_rng(4).standard_normal((2, 3, 40)) * 10).astype("float32")
+    spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
+    ours, ref = _both(_Softmax(), spec, tmp_path, [x])
+    _close(ours, ref, rtol=1e-5)
+
+
+def test_matmul_tiles_fit_the_registers():
+    for m, n in [(8192, 320), (154, 320), (2048, 40), (1024, 77), (128, 10240), (3, 5)]:
+        nr, vw, mr, mc = matmul_tiles(m, n, 16)
+        assert nr % vw == 0 and n % nr == 0
+        vectors = -(-nr // 16) if vw == 16 else nr // vw
+        assert mr * vectors <= 24 or mr == 1
+        assert mc >= 1
