@@ -68,12 +68,39 @@ def _add_generate(sub, mode: str) -> None:
                        help="0..1: how much to change; int(strength*steps) steps run")
     if mode == "inpaint":
         p.add_argument("--mask", type=Path, required=True, help="same size as the init image; white = repaint")
-    p.add_argument("--tome-ratio", type=float, default=0.0, help="token merging ratio (0 = off)")
+    tome = p.add_argument_group("token merging (ToMe, as tomesd)")
+    tome.add_argument("--tome-ratio", type=float, default=0.0,
+                      help="fraction of tokens merged in the merging blocks (0 = off; at most 0.75 with 2x2 stride)")
+    tome.add_argument("--tome-max-downsample", type=int, default=1, choices=[1, 2, 4, 8],
+                      help="merge in blocks downsampled at most this much (default 1: the highest resolution)")
+    tome.add_argument("--tome-stride", type=int, default=2, help="destination stride sx = sy (default 2)")
+    tome.add_argument("--tome-merge", default="attn",
+                      help="comma list of what runs on merged tokens: attn, crossattn, mlp (default attn)")
+    tome.add_argument("--tome-no-rand", action="store_true",
+                      help="top-left destination of each window instead of a random one (seeded)")
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "auto"])
     p.add_argument("--cache-dir", type=Path, default=None, help="compiled-library cache (default ~/.cache/sdcore)")
     p.add_argument("--low-memory", action="store_true", help="free each network's weights after its stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--output", "-o", type=Path, required=True, help="PNG file (batch: FILE-0.png, FILE-1.png, ...)")
+
+
+def _tome_config(args):
+    if not args.tome_ratio:
+        return None
+    from sdcore.tome import ToMeConfig
+
+    parts = {m.strip() for m in args.tome_merge.split(",") if m.strip()}
+    if not parts or parts - {"attn", "crossattn", "mlp"}:
+        raise SdcoreError(f"--tome-merge {args.tome_merge!r}: use a comma list of attn, crossattn, mlp.", exit_code=2)
+    try:
+        tome = ToMeConfig(ratio=args.tome_ratio, max_downsample=args.tome_max_downsample, sx=args.tome_stride,
+                          sy=args.tome_stride, use_rand=not args.tome_no_rand, merge_attn="attn" in parts,
+                          merge_crossattn="crossattn" in parts, merge_mlp="mlp" in parts)
+    except SdcoreError as err:
+        raise SdcoreError(str(err), exit_code=2) from None
+    logging.getLogger("sdcore.tome").setLevel(logging.INFO)  # say which blocks merge, once per compile
+    return tome
 
 
 def _run_generate(args) -> int:
@@ -86,9 +113,7 @@ def _run_generate(args) -> int:
         raise SdcoreError(f"--output {args.output} must end in .png.", exit_code=2)
     if not args.output.parent.exists():
         raise SdcoreError(f"the folder of --output ({args.output.parent}) does not exist.", exit_code=2)
-    if args.tome_ratio:
-        raise SdcoreError("--tome-ratio is not available yet: token merging is not built into the UNet so far.",
-                          exit_code=2)
+    tome = _tome_config(args)
     for attr in ("init_image", "mask"):
         path = getattr(args, attr, None)
         if path is not None and not path.exists():
@@ -102,7 +127,7 @@ def _run_generate(args) -> int:
     pipe = StableDiffusion.load(args.model, target=args.target, cache_dir=args.cache_dir, low_memory=args.low_memory)
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, tome=tome)
     if args.command == "txt2img":
         result = pipe.txt2img(args.prompt, width=args.width, height=args.height, latents=latents, **common)
     elif args.command == "img2img":

@@ -28,6 +28,7 @@ from sdcore.errors import SdcoreError
 from sdcore.images import array_to_images, image_to_array, load_image, mask_to_array
 
 logger = logging.getLogger("sdcore.pipeline")
+tome_logger = logging.getLogger("sdcore.tome")
 
 MIN_SIZE, MAX_SIZE = 64, 4096
 
@@ -126,15 +127,28 @@ class StableDiffusion:
             lambda m: clip_spec(m.config, batch=1, seq_len=self.tokenizer.model_max_length),
             f"text_encoder-skip{clip_skip or 0}")
 
-    def unet(self, batch: int, h: int, w: int, seq_len: int):
+    def unet(self, batch: int, h: int, w: int, seq_len: int, tome=None):
+        """The UNet for latents h x w; `tome` (a ToMeConfig) compiles token merging into the graph."""
         from sdcore.unet.model import unet_spec
 
         config = self.configs["unet"]
+        if tome is not None and not tome.enabled:
+            tome = None  # ratio 0: the plain graph, not a merged graph with r = 0
+        key = (batch, h, w, seq_len, tome)
+        if ("unet", *key) not in self._compiled and tome is not None:
+            from sdcore.tome import log_lines
+            from sdcore.unet.model import tome_plans
+
+            plans = tome_plans(weights.model_classes("unet")[0].from_dict(config), tome, batch, h, w)
+            tome_logger.info("token merging %s, latent %dx%d:", tome.tag(), h, w)
+            for line in log_lines(plans):
+                tome_logger.info("  %s", line)
+        tag = f"-{tome.tag()}" if tome is not None else ""
         return self._network(
-            "unet", (batch, h, w, seq_len),
-            lambda: weights.build_module("unet", config),
-            lambda m: unet_spec(m.config, batch=batch, height=h, width=w, seq_len=seq_len),
-            f"unet-b{batch}-{h}x{w}-s{seq_len}")
+            "unet", key,
+            lambda: weights.build_module("unet", config, tome=tome),
+            lambda m: unet_spec(m.config, batch=batch, height=h, width=w, seq_len=seq_len, tome=tome),
+            f"unet-b{batch}-{h}x{w}-s{seq_len}{tag}")
 
     def vae(self, function: str, height: int, width: int):
         from sdcore.vae.model import vae_spec
@@ -191,18 +205,19 @@ class StableDiffusion:
                 sampler: str = "DPM++ 2M Karras", width: int | None = None, height: int | None = None,
                 seed: int | None = None, batch_size: int = 1, clip_skip: int | None = None,
                 latents: np.ndarray | None = None, callback: Callable | None = None,
-                progress: bool = True) -> GenerationResult:
+                progress: bool = True, tome_ratio: float = 0.0, tome=None) -> GenerationResult:
         """Text to image. `latents` [batch, 4, h, w] is x_T (before scaling by the sampler's init sigma)."""
         width, height = self._size(width, height)
         return self._generate(mode="txt2img", prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                               guidance_scale=guidance_scale, sampler=sampler, width=width, height=height,
                               seed=seed, batch_size=batch_size, clip_skip=clip_skip, latents=latents,
-                              callback=callback, progress=progress)
+                              callback=callback, progress=progress, tome=_tome(tome_ratio, tome))
 
     def img2img(self, prompt: str, init_image, negative_prompt: str = "", *, strength: float = 0.75,
                 steps: int = 20, guidance_scale: float = 7.5, sampler: str = "DPM++ 2M Karras",
                 seed: int | None = None, batch_size: int = 1, clip_skip: int | None = None,
-                callback: Callable | None = None, progress: bool = True) -> GenerationResult:
+                callback: Callable | None = None, progress: bool = True, tome_ratio: float = 0.0,
+                tome=None) -> GenerationResult:
         """Image to image: `int(strength * steps)` steps run, starting from the init image noised to
         that point of the schedule (diffusers' semantics)."""
         image = load_image(init_image, "init image")
@@ -211,13 +226,13 @@ class StableDiffusion:
         return self._generate(mode="img2img", prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                               guidance_scale=guidance_scale, sampler=sampler, width=width, height=height,
                               seed=seed, batch_size=batch_size, clip_skip=clip_skip, init_image=image,
-                              strength=strength, callback=callback, progress=progress)
+                              strength=strength, callback=callback, progress=progress, tome=_tome(tome_ratio, tome))
 
     def inpaint(self, prompt: str, image, mask_image, negative_prompt: str = "", *, strength: float = 1.0,
                 steps: int = 20, guidance_scale: float = 7.5, sampler: str = "DPM++ 2M Karras",
                 seed: int | None = None, batch_size: int = 1, clip_skip: int | None = None,
                 latents: np.ndarray | None = None, callback: Callable | None = None,
-                progress: bool = True) -> GenerationResult:
+                progress: bool = True, tome_ratio: float = 0.0, tome=None) -> GenerationResult:
         """Repaint the white area of `mask_image`. A 9-channel inpainting checkpoint gets the mask and
         the masked image's latents as extra UNet input; a regular checkpoint keeps the unmasked area
         by blending the (noised) original latents back after every step."""
@@ -232,7 +247,7 @@ class StableDiffusion:
                               guidance_scale=guidance_scale, sampler=sampler, width=width, height=height,
                               seed=seed, batch_size=batch_size, clip_skip=clip_skip, init_image=image,
                               mask=mask, strength=strength, latents=latents, callback=callback,
-                              progress=progress)
+                              progress=progress, tome=_tome(tome_ratio, tome))
 
     # ------------------------------------------------------------------------------------------
 
@@ -249,8 +264,12 @@ class StableDiffusion:
 
     def _generate(self, *, mode, prompt, negative_prompt, steps, guidance_scale, sampler, width, height, seed,
                   batch_size, clip_skip, latents=None, init_image=None, mask=None, strength=1.0, callback=None,
-                  progress=True) -> GenerationResult:
+                  progress=True, tome=None) -> GenerationResult:
         from sdcore.sampling import make_sampler
+        from sdcore.unet.model import unet_tome_inputs
+
+        if tome is not None and not tome.enabled:
+            tome = None
 
         if not isinstance(steps, int) or not 1 <= steps <= 1000:
             raise SdcoreError(f"steps must be an integer between 1 and 1000, got {steps!r}.", exit_code=2)
@@ -289,6 +308,15 @@ class StableDiffusion:
         if t_start >= n_steps:
             raise SdcoreError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
                               f"or the number of steps.", exit_code=2)
+
+        unet_config = weights.model_classes("unet")[0].from_dict(self.configs["unet"])
+        if tome is not None:  # a size ToMe cannot merge at fails here, before any work
+            from sdcore.unet.model import tome_plans
+
+            try:
+                tome_plans(unet_config, tome, batch_size * (2 if guidance_scale > 1.0 else 1), h, w)
+            except SdcoreError as err:
+                raise SdcoreError(str(err), exit_code=2) from None
 
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -329,7 +357,7 @@ class StableDiffusion:
         timings["prepare"] = time.perf_counter() - start - timings["text_encode"]
 
         batch = batch_size * (2 if cfg else 1)
-        unet = self.unet(batch, h, w, seq_len)
+        unet = self.unet(batch, h, w, seq_len, tome)
         # diffusers' order: the negative (unconditional) half first
         context = np.concatenate([np.repeat(uncond, batch_size, 0), np.repeat(cond, batch_size, 0)]) if cfg \
             else np.repeat(cond, batch_size, 0)
@@ -348,7 +376,9 @@ class StableDiffusion:
                 model_in = np.concatenate([model_in, cond_extra], axis=1)  # [B, 9, h, w]
             model_in = np.concatenate([model_in, model_in]) if cfg else model_in
             t = np.full((batch,), samplers[0].timesteps[i], dtype=np.float32)
-            out = _first(unet.forward(model_in.astype(np.float32), t, context)).astype(np.float64)
+            # ToMe's random destinations (use_rand): drawn from (seed, step), apart from the sampler's noise
+            extra_in = unet_tome_inputs(unet_config, tome, batch, h, w, seed=(seed, i)) if tome else ()
+            out = _first(unet.forward(model_in.astype(np.float32), t, context, *extra_in)).astype(np.float64)
             if cfg:
                 out_uncond, out_cond = out[:batch_size], out[batch_size:]
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -386,6 +416,7 @@ class StableDiffusion:
                 "guidance_scale": guidance_scale, "seed": seed + j, "size": f"{width}x{height}",
                 "model_hash": self.info.get("source", {}).get("sha256_10"), "model": self.model_dir.name,
                 "strength": strength if mode != "txt2img" else None, "clip_skip": clip_skip,
+                "tome_ratio": tome.ratio if tome is not None else None,
                 "version": f"sdcore {sdcore.__version__}",
             })
         return GenerationResult(images, [seed + j for j in range(batch_size)], params, timings)
@@ -405,6 +436,22 @@ class StableDiffusion:
             masked = init * (mask < 0.5)  # [1, 3, H, W]: the area to keep
             extra["masked"] = self.vae_encode(masked, rng)
         return x, extra
+
+
+def _tome(ratio: float, tome):
+    """The ToMeConfig of a call: `tome` (all of tomesd's options) or tomesd's defaults at `ratio`."""
+    from sdcore.tome import ToMeConfig
+
+    if tome is not None:
+        if ratio and ratio != tome.ratio:
+            raise SdcoreError(f"tome_ratio={ratio} contradicts tome.ratio={tome.ratio}: give one of them.", exit_code=2)
+        return tome
+    if not ratio:
+        return None
+    try:
+        return ToMeConfig(ratio=float(ratio))
+    except SdcoreError as err:
+        raise SdcoreError(str(err), exit_code=2) from None
 
 
 def randn(rng: np.random.Generator, shape) -> np.ndarray:

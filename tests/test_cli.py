@@ -66,6 +66,10 @@ BAD = {
     "init image not an image": (["img2img", "--init-image", "{tmp}/lat.npy"], 1, "not a readable image"),
     "txt2img on inpainting model": (["txt2img", "--model", "{inpaint}"], 2, "inpainting model"),
     "unknown option": (["txt2img", "--frobnicate"], 2, "unrecognized"),
+    "tome ratio above max": (["txt2img", "--tome-ratio", "0.9"], 2, "above the maximum 0.75"),
+    "tome ratio negative": (["txt2img", "--tome-ratio", "-0.2"], 2, "negative"),
+    "tome merge unknown": (["txt2img", "--tome-ratio", "0.5", "--tome-merge", "attn,conv"], 2, "--tome-merge"),
+    "tome downsample": (["txt2img", "--tome-ratio", "0.5", "--tome-max-downsample", "3"], 2, "invalid choice"),
 }
 
 

@@ -170,3 +170,37 @@ def test_txt2img_full_size(checkpoints, compile_cache, preset, prediction_type):
     diff = _max_diff(ours, ref)
     print(f"{preset} {size}x{size}: max pixel difference {diff}/255")
     assert diff <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("merge", ["attn", "attn+crossattn+mlp"])
+def test_txt2img_tome(checkpoints, compile_cache, merge, caplog):
+    """txt2img with token merging compiled in vs diffusers patched by tomesd (use_rand=False)."""
+    import logging
+
+    import tomesd
+    import torch
+
+    from sdcore.tome import ToMeConfig
+
+    src, model = checkpoints.diffusers("tiny-sd1"), checkpoints.converted("tiny-sd1")
+    full = merge != "attn"
+    tome = ToMeConfig(ratio=0.5, use_rand=False, merge_attn=True, merge_crossattn=full, merge_mlp=full)
+    rng = np.random.Generator(np.random.PCG64(SEED))
+    x_t = randn(rng, (1, 4, LAT, LAT))
+    pipe = StableDiffusion.load(model, cache_dir=compile_cache)
+    with caplog.at_level(logging.INFO, logger="sdcore.tome"):
+        ours = pipe.txt2img("a red circle", "blurry", steps=4, guidance_scale=7.0, sampler="DPM++ 2M Karras",
+                            seed=SEED, latents=x_t, progress=False, tome=tome)
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"down_blocks.0.attentions.0.transformer_blocks.0: {LAT * LAT} -> {LAT * LAT // 2} tokens" in log, log
+    assert ours.parameters[0]["tome_ratio"] == 0.5
+    plain = pipe.txt2img("a red circle", "blurry", steps=4, guidance_scale=7.0, sampler="DPM++ 2M Karras",
+                         seed=SEED, latents=x_t, progress=False).images[0]
+
+    ref_pipe = _diffusers_pipe("StableDiffusionPipeline", src, "DPM++ 2M Karras")
+    tomesd.apply_patch(ref_pipe, ratio=0.5, use_rand=False, merge_attn=True, merge_crossattn=full, merge_mlp=full)
+    with patched_randn(NoiseFeed([])):
+        ref = ref_pipe("a red circle", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.0,
+                       latents=torch.from_numpy(x_t).float(), height=SIZE, width=SIZE).images[0]
+    assert _max_diff(ours.images[0], ref) <= MAX_PIXEL_DIFF
+    assert _max_diff(plain, ref) > MAX_PIXEL_DIFF  # merging changed the image: the comparison can fail
