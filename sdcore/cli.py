@@ -48,7 +48,9 @@ def _add_generate(sub, mode: str) -> None:
     helps = {"txt2img": "generate images from a prompt", "img2img": "redraw an init image following a prompt",
              "inpaint": "repaint the white area of a mask"}
     p = sub.add_parser(mode, help=helps[mode], description=helps[mode].capitalize() + ".")
-    p.add_argument("--model", required=True, help="converted sdcore model directory (see `sdcore convert`)")
+    p.add_argument("--model", default=None,
+                   help="converted sdcore model directory (see `sdcore convert`); default: the embedded "
+                        "shapes demo model (docs/demo-model.md)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=20)

@@ -44,9 +44,15 @@ class GenerationResult:
 class StableDiffusion:
     """A converted model directory, its networks compiled on first use for each shape."""
 
-    def __init__(self, model_dir: str | Path, *, target: str = "llvm", cache_dir=None, low_memory: bool = False):
+    def __init__(self, model_dir: str | Path | None = None, *, target: str = "llvm", cache_dir=None,
+                 low_memory: bool = False):
         from sdcore.tokenizer import CLIPTokenizer
 
+        if model_dir is None:  # the small shapes model shipped in the package
+            model_dir = sdcore.demo_model_path()
+            if not (model_dir / "sdcore.json").exists():
+                raise SdcoreError(f"the embedded demo model is missing from {model_dir}: reinstall sdcore, or give "
+                                  f"a converted model directory.")
         self.model_dir = Path(model_dir)
         self.info = weights.read_model_info(self.model_dir)
         self.target_name = target
@@ -69,7 +75,7 @@ class StableDiffusion:
         self._compiled: dict[tuple, object] = {}
 
     @classmethod
-    def load(cls, model_dir, **kwargs) -> "StableDiffusion":
+    def load(cls, model_dir=None, **kwargs) -> "StableDiffusion":
         return cls(model_dir, **kwargs)
 
     # ------------------------------------------------------------------------------------------
