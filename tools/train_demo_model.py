@@ -85,6 +85,7 @@ UNET_CONFIG = {
 DEFAULTS = {"seed": 0, "vae_steps": 1500, "vae_batch": 8, "vae_lr": 1e-3, "kl_weight": 1e-7, "vae_ema_decay": 0.99,
             "decoder_steps": 2000,
             "pool_size": 8192, "unet_steps": 8000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
+            "high_noise_weight": 1.0,
             "checkpoint_every": 100}
 
 
@@ -421,7 +422,11 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> No
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         context = text_encoder(tokens(captions))[0]  # [B, 77, C]
         pred = unet(xt, torch.from_numpy(t), context).sample
-        loss = torch.mean((pred - noise) ** 2)
+        # Layout and colours are decided at high noise, where the epsilon error is small but the
+        # x0 error it implies is large: weight those steps up to `high_noise_weight` (1/SNR, clipped).
+        snr = ab / (1 - ab)
+        weight = (1 / snr).clamp(1.0, args.high_noise_weight)  # [B, 1, 1, 1]
+        loss = torch.mean(weight * (pred - noise) ** 2) / weight.mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.unet_lr)
         opt.zero_grad(set_to_none=True)
