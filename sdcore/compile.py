@@ -68,7 +68,7 @@ class CompiledModel:
     """
 
     def __init__(self, vm, device, param_names: Sequence[str], param_shapes: Sequence[tuple], param_dtypes,
-                 transforms: dict[str, str] | None = None):
+                 transforms: dict[str, str] | None = None, functions: Sequence[str] = ()):
         self.vm = vm
         self.device = device
         self.param_names = list(param_names)
@@ -77,6 +77,7 @@ class CompiledModel:
         # exported function -> its lifted weight transform (`<function>_transform_params`), which
         # set_params runs once: the function itself takes the prepared weights
         self.transforms = dict(transforms or {})
+        self.functions = list(functions)
         self._params: list | None = None
         self._prepared: dict[str, list] = {}
 
@@ -111,7 +112,10 @@ class CompiledModel:
             else:
                 bound.append(tvm.runtime.tensor(np.ascontiguousarray(array, dtype=dtype), self.device))
         self._prepared = {fn: list(self.vm[t](bound)) for fn, t in self.transforms.items()}
-        self._params = bound
+        # keep the weights as given only where a function takes them unprepared: holding both copies
+        # would double the memory of every transposed Linear weight
+        needs_raw = not self.functions or any(fn not in self._prepared for fn in self.functions)
+        self._params = bound if needs_raw else []
 
     def release_params(self) -> None:
         self._params = None
@@ -129,6 +133,8 @@ class CompiledModel:
             raise SdcoreError("parameters are not bound: call set_params() first.")
         args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
                 for x in inputs]
+        if function not in self._prepared and not self._params and self.param_names:
+            raise SdcoreError(f"function {function!r} is not one this model was built with ({self.functions}).")
         out = self.vm[function](*args, *self._prepared.get(function, self._params))
         return _to_numpy(out)
 
@@ -220,7 +226,7 @@ def build(
         else:
             lib = executable
     vm = relax.VirtualMachine(lib, device)
-    return CompiledModel(vm, device, param_names, param_shapes, param_dtypes, transforms)
+    return CompiledModel(vm, device, param_names, param_shapes, param_dtypes, transforms, functions=list(spec))
 
 
 def relax_pipeline(target, schedule: bool = True):

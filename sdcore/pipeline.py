@@ -121,6 +121,10 @@ class StableDiffusion:
             state = self._weights(component)
             # a VAE built for one function holds only that half's weights
             compiled.set_params({name: state[name] for name in compiled.param_names if name in state})
+            if compiled.transforms:
+                # the compiled model now holds its own prepared (transposed) weights: drop the
+                # loaded copy; another shape of this network reads the file again
+                self._params.pop(component, None)
         return compiled
 
     def text_encoder(self, clip_skip: int | None):
