@@ -83,9 +83,9 @@ UNET_CONFIG = {
 }
 
 DEFAULTS = {"seed": 0, "vae_steps": 1500, "vae_batch": 8, "vae_lr": 1e-3, "kl_weight": 1e-7, "vae_ema_decay": 0.99,
-            "decoder_steps": 2000,
-            "pool_size": 8192, "unet_steps": 8000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
-            "high_noise_weight": 1.0,
+            "decoder_steps": 4000,
+            "pool_size": 8192, "unet_steps": 7000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
+            "high_noise_weight": 5.0,
             "checkpoint_every": 100}
 
 
