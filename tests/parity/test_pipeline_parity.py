@@ -73,7 +73,9 @@ def _diffusers_pipe(cls_name, src, sampler):
 
 
 def _max_diff(ours: Image.Image, ref: Image.Image) -> int:
-    return int(np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).max())
+    diff = int(np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).max())
+    print(f"max pixel difference {diff}/255")  # shown with -s: the figure docs/parity.md quotes
+    return diff
 
 
 @pytest.fixture(scope="module")
