@@ -1,6 +1,6 @@
 """Train sdcore's embedded demo model: a small latent diffusion model of procedurally drawn shapes.
 
-    python tools/train_demo_model.py WORK [--seed 0] [--vae-steps N] [--unet-steps N]
+    python tools/train_demo_model.py WORK [--seed 0] [--vae-steps N] [--decoder-steps N] [--unet-steps N]
     python tools/train_demo_model.py WORK --export-only      # diffusers folder from the latest checkpoint
     python tools/train_demo_model.py WORK --evaluate         # sample with diffusers, score colour/position
     python tools/train_demo_model.py WORK --ship sdcore/models/shapes-demo   # convert into the package
@@ -17,13 +17,20 @@ Data: 64x64 images of one shape (circle, square, triangle) in one of four colour
 positions on one of three backgrounds, drawn with 4x supersampling, captioned like "a red circle at
 the top left on a white background" (sometimes without the position or the background, which are
 then random). Every random draw comes from `numpy.random.Generator(PCG64([seed, stage, step]))`, so
-a run is deterministic given its seed, thread count and library versions, and a resumed run is
-the same as an uninterrupted one. Checkpoints go to WORK/checkpoints every few hundred steps.
+a run is deterministic given its seed, thread count and library versions; learning rates are constant
+after warm-up and the saved weights are EMAs, so a run stopped at a checkpoint (every 100 steps, in
+WORK/checkpoints) equals a shorter run, and a resumed run an uninterrupted one.
 
-Stage 1 trains the VAE (MSE + L1 reconstruction, the shape's pixels weighted 10x, a small KL term; no GAN or perceptual loss: flat
-colours need neither); the latent scaling factor is 1 / std of the posterior means. Stage 2 trains
-the UNet and the text encoder jointly on posterior samples of the frozen VAE, epsilon prediction,
-with an EMA of both (the EMA weights are shipped).
+1. VAE: MSE + L1 reconstruction with the shape's pixels weighted 10x, a small KL term; no GAN or
+   perceptual loss (flat colours need neither).
+2. Latents: 8192 images encoded once; the scaling factor is 1 / std of their posterior means.
+3. Decoder fine-tuning with the encoder frozen (SD's ft-MSE VAE recipe): sharper colours, same
+   latents. Independent of stage 4, so `--decoder-only` can run it in a second process alongside.
+4. UNet + text encoder jointly on posterior samples of those latents, epsilon prediction, the
+   high-noise steps weighted up (`--high-noise-weight`: 1/SNR clipped to [1, 5]), EMA of both
+   (the EMA weights are shipped).
+
+The shipped model is this script's defaults (docs/demo-model.md has the measured run time).
 """
 
 from __future__ import annotations

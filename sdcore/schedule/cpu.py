@@ -143,6 +143,30 @@ def matmul_tiles(m: int, n: int, lanes: int) -> tuple[int, int, int, int]:
     return nr, vw, mr, mc_tiles
 
 
+_MIN_TASKS = 32
+
+
+def _packed_row_tiles(tiles: int, mr: int, panels: int) -> int:
+    """Row tiles per parallel task when the weight panel is packed: up to ~512 rows, so that the
+    copy (strided reads of K x NR floats) is amortized over many row tiles, while keeping at least
+    32 tasks (panels x row blocks) to balance the threads."""
+    divisors = [c for c in range(max(1, 512 // mr), 0, -1) if tiles % c == 0]
+    for c in divisors:
+        if (tiles // c) * panels >= _MIN_TASKS:
+            return c
+    return divisors[-1]
+
+
+def _weight_read(stmt) -> int | None:
+    """The index of the read B[k, j] of a 2-D operand shared by every row (a Linear weight), if any."""
+    j_var, k_var = (it.var for it in stmt.iter_vars[-2:])
+    for index, region in enumerate(stmt.reads):
+        idx = _index_vars([r.min for r in region.region])
+        if len(idx) == 2 and all(v is not None and v.same_as(w) for v, w in zip(idx, (k_var, j_var))):
+            return index
+    return None
+
+
 class Matmul(dlight.ScheduleRule):
     """Register-blocked GEMM for the `NN` layout C[..., i, j] = sum_k A[..., i, k] B[..., k, j]."""
 
@@ -178,26 +202,39 @@ class Matmul(dlight.ScheduleRule):
 
         name = stmt.name_hint
         _inline_producers(sch, keep={name})
+        nr, vw, mr, mc_tiles = matmul_tiles(m, n, _vector_lanes(target))
+        # A weight shared by every row (a Linear's [K, N] after the lifted transpose) is copied, per
+        # parallel task, into a contiguous K x NR panel. Read in place, each k step of a column
+        # panel is N floats (a page or more for N >= 1280) from the last: at N = 5120 or 10240 the
+        # panel's rows alias to a few cache sets and miss the TLB, and wide GEMMs ran at ~20 GFLOP/s.
+        weight = _weight_read(sch.get(sch.get_sblock(name)))
+        pack = weight is not None and n > nr
         block = sch.get_sblock(name)
         writeback = sch.cache_write(block, 0, "local")
         _inline_consumers(sch, writeback)
 
         loops = sch.get_loops(block)
         batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
-        nr, vw, mr, mc_tiles = matmul_tiles(m, n, _vector_lanes(target))
+        rows = m
         if batch and len(b_idx) == 2 and m % mr == 0:
             # The weight is shared by the batch: one GEMM of batch x M rows streams it once. Row
             # tiles must not straddle two batch items (the write-back's region would be widened
             # over both), hence MR dividing M.
-            rows = m
             for lp in batch:
                 rows *= _extent(sch, lp) or 1
             i, batch = sch.fuse(*batch, i), []
             mc_tiles = _pick(range(max(1, 96 // mr), 0, -1), rows // mr, 1)
+        if pack:
+            mc_tiles = _packed_row_tiles(-(-rows // mr), mr, n // nr)
         i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
         j_o, j_v, j_l = sch.split(j, [None, nr // vw, vw])
         sch.reorder(*batch, i_o, j_o, i_t, k, i_r, j_v, j_l)
-        sch.parallel(sch.fuse(*batch, i_o, j_o))
+        task = sch.fuse(*batch, i_o, j_o)
+        sch.parallel(task)
+        if pack:
+            panel = sch.cache_read(block, weight, "global")
+            sch.compute_at(panel, task, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(panel)[-1])
         sch.reverse_compute_at(writeback, i_t, preserve_unit_loops=True)
         sch.unroll(i_r)
         sch.unroll(j_v)
