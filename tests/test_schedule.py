@@ -16,7 +16,7 @@ from tvm.relax.frontend.nn import op
 
 from sdcore.compile import build
 from sdcore.ops import attention
-from sdcore.schedule.cpu import matmul_tiles
+from sdcore.schedule.cpu import _packed_row_tiles, matmul_tiles
 
 
 class _Linear(nn.Module):
@@ -69,7 +69,8 @@ def _close(ours, ref, rtol=2e-5):
     assert err <= rtol * max(scale, 1e-6), f"max abs error {err} at scale {scale}"
 
 
-@pytest.mark.parametrize("batch,m,k,n", [(2, 24, 40, 48), (1, 7, 16, 80), (2, 5, 33, 20)])
+# (2, 24, 40, 192) and (1, 7, 16, 80): several column panels, so the weight is packed per task
+@pytest.mark.parametrize("batch,m,k,n", [(2, 24, 40, 48), (1, 7, 16, 80), (2, 5, 33, 20), (2, 24, 40, 192)])
 def test_linear_matches_unscheduled(tmp_path, batch, m, k, n):
     x = np.random.default_rng(1).standard_normal((batch, m, k)).astype("float32")
     spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
@@ -115,3 +116,6 @@ def test_matmul_tiles_fit_the_registers():
         vectors = -(-nr // 16) if vw == 16 else nr // vw
         assert mr * vectors <= 24 or mr == 1
         assert mc >= 1
+        tiles = -(-m // mr)
+        packed = _packed_row_tiles(tiles, mr, n // nr)
+        assert tiles % packed == 0 and (packed * mr <= 512 or packed == 1)

@@ -9,6 +9,7 @@ transformers 5 drops the `text_model.` prefix from its own module tree and adds 
 
 from __future__ import annotations
 
+from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
@@ -20,12 +21,22 @@ from sdcore.ops import attention
 _LEGACY_EOS_TOKEN_ID = 2
 
 
+class _Embedding(nn.Embedding):
+    """nn.Embedding whose lookup clamps out-of-range ids (TOPI's default "fast" take is unchecked and
+    warns at every compile); the pipeline refuses ids beyond the vocabulary before they get here."""
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        flat = op.reshape(x, [-1])  # [B*N] (or [N])
+        rows = op.wrap_nested(relax.op.take(self.weight._expr, flat._expr, axis=0, mode="clip"), name="take")
+        return op.reshape(rows, [*x.shape, self.dim])  # [..., C]
+
+
 class CLIPTextEmbeddings(nn.Module):
     """Token plus learned absolute position embeddings."""
 
     def __init__(self, config: CLIPTextConfig, dtype: str):
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size, dtype=dtype)
+        self.token_embedding = _Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.position_embedding = _Embedding(config.max_position_embeddings, config.hidden_size, dtype=dtype)
         # transformers' position_ids is a non-persistent buffer holding 0..max-1: built in the graph here.
 
     def forward(self, input_ids: nn.Tensor) -> nn.Tensor:

@@ -9,7 +9,9 @@ rules here run after FuseTIR and give each PrimFunc a schedule without any tunin
   accumulator tile kept in registers (a "local" write cache), vectorized over j (contiguous in B
   and C), unrolled over the MR rows, the k loop innermost around it; tiles run in parallel over
   the cores. Fused epilogues (bias, residual adds, GELU, scale) are inlined into the write-back,
-  injective prologues (reshapes, transposes of the inputs) into the reads.
+  injective prologues (reshapes, transposes of the inputs) into the reads. A 2-D weight wider than
+  one panel is copied per task into a contiguous K x NR panel (strided by N, its rows would alias
+  in the caches and miss the TLB), and a task then runs up to 512 rows against it.
 - `Conv2d`: NCHW direct convolution with the same micro-kernel shape: an (output channels x output
   columns) tile in registers, vectorized along the output row, the (input channel, ky, kx)
   reduction innermost; the padding block is inlined into the reads and the epilogue into the
@@ -143,13 +145,13 @@ def matmul_tiles(m: int, n: int, lanes: int) -> tuple[int, int, int, int]:
     return nr, vw, mr, mc_tiles
 
 
-_MIN_TASKS = 32
+_MIN_TASKS = 16  # parallel tasks a packed GEMM keeps (fewer, larger ones amortize the copy)
 
 
 def _packed_row_tiles(tiles: int, mr: int, panels: int) -> int:
     """Row tiles per parallel task when the weight panel is packed: up to ~512 rows, so that the
     copy (strided reads of K x NR floats) is amortized over many row tiles, while keeping at least
-    32 tasks (panels x row blocks) to balance the threads."""
+    _MIN_TASKS tasks (panels x row blocks) to balance the threads."""
     divisors = [c for c in range(max(1, 512 // mr), 0, -1) if tiles % c == 0]
     for c in divisors:
         if (tiles // c) * panels >= _MIN_TASKS:
