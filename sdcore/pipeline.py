@@ -60,6 +60,7 @@ class StableDiffusion:
         self.low_memory = low_memory
         self.tokenizer = CLIPTokenizer.from_dir(self.model_dir / "tokenizer")
         self.configs = {c: weights.read_config(self.model_dir, c) for c in weights.COMPONENTS}
+        self.unet_config = weights.model_classes("unet")[0].from_dict(self.configs["unet"])  # ToMe plans
         path = self.model_dir / "scheduler" / "scheduler_config.json"
         try:
             self.scheduler_config = json.loads(path.read_text())
@@ -149,7 +150,7 @@ class StableDiffusion:
             from sdcore.tome import log_lines
             from sdcore.unet.model import tome_plans
 
-            plans = tome_plans(weights.model_classes("unet")[0].from_dict(config), tome, batch, h, w)
+            plans = tome_plans(self.unet_config, tome, batch, h, w)
             tome_logger.info("token merging %s, latent %dx%d:", tome.tag(), h, w)
             for line in log_lines(plans):
                 tome_logger.info("  %s", line)
@@ -319,7 +320,7 @@ class StableDiffusion:
             raise SdcoreError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
                               f"or the number of steps.", exit_code=2)
 
-        unet_config = weights.model_classes("unet")[0].from_dict(self.configs["unet"])
+        unet_config = self.unet_config
         if tome is not None:  # a size ToMe cannot merge at fails here, before any work
             from sdcore.unet.model import tome_plans
 

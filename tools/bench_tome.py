@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,21 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from benchmark import _median_alternating, write_report  # noqa: E402  (tools/benchmark.py)
+
 START, END = "<!-- tome:start -->", "<!-- tome:end -->"
-
-
-def _median_alternating(fn_a, fn_b, runs: int) -> tuple[float, float]:
-    fn_a()
-    fn_b()
-    ta, tb = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn_a()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fn_b()
-        tb.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,14 +110,8 @@ def main(argv=None) -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:
-        block = f"{START}\nWritten by `python tools/bench_tome.py {' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n{table}{END}"
-        text = args.write.read_text() if args.write.exists() else "# Performance\n"
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            text = head + block + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n## Token merging (ToMe)\n\n" + block + "\n"
-        args.write.write_text(text)
+        write_report(args.write, table, " ".join(sys.argv[1:] if argv is None else argv), start=START, end=END,
+                     tool="bench_tome.py", heading="## Token merging (ToMe)")
     return 0
 
 

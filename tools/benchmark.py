@@ -353,16 +353,17 @@ def main(argv=None) -> int:
 START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 
 
-def write_report(path: Path, table: str, command: str) -> None:
-    """Put `table` between the START/END markers of `path` (the notes around them stay), or write
-    a new file holding only the table."""
-    block = f"{START}\nWritten by `python tools/benchmark.py {command}`.\n\n{table}{END}"
-    text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+def write_report(path: Path, table: str, command: str, *, start: str = START, end: str = END,
+                 tool: str = "benchmark.py", heading: str = "") -> None:
+    """Put `table` between the `start`/`end` markers of `path` (the notes around them stay), or
+    append the block (under `heading`, if given) to the file, creating it if needed."""
+    block = f"{start}\nWritten by `python tools/{tool} {command}`.\n\n{table}{end}"
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = "# Performance\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
     path.write_text(text)
 
 
