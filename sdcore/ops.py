@@ -13,11 +13,22 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
     `causal` masks keys after the query position (CLIP's text transformer). `upcast` computes the
     scores and softmax in float32 whatever the activations' dtype (diffusers' upcast_attention,
     needed by SD2.1-v in half precision).
+
+    Non-causal float32 attention with static shapes (every UNet and VAE attention) is one fused
+    kernel for the CPU (`sdcore.schedule.attention`): at 64x64 latents it never writes the
+    2 x 8 x 4096 x 4096 score matrix. A CUDA build needs its own kernel here (not written yet).
+    The rest (CLIP's causal 77 tokens, other dtypes) is the plain graph below.
     """
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
     dtype = q.dtype
+    if not causal and dtype == "float32" and all(isinstance(x, int) for x in (b, n, m, c)):
+        # One fused CPU kernel, no [B, H, N, M] score matrix and no permutes (sdcore/schedule/attention.py).
+        from sdcore.schedule.attention import attention_kernel
+
+        func = attention_kernel(b, n, m, num_heads, d, 1.0 / d**0.5)
+        return op.tensor_ir_op(func, "fused_attention", [q, k, v], out=nn.Tensor.placeholder((b, n, c), dtype))
     q = op.permute_dims(op.reshape(q, (b, n, num_heads, d)), (0, 2, 1, 3))  # [B, H, N, D]
     k = op.permute_dims(op.reshape(k, (b, m, num_heads, d)), (0, 2, 3, 1))  # [B, H, D, M]
     v = op.permute_dims(op.reshape(v, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]

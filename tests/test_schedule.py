@@ -78,15 +78,50 @@ def test_linear_matches_unscheduled(tmp_path, batch, m, k, n):
     _close(ours, ref)
 
 
-@pytest.mark.parametrize("n,m,heads,d", [(64, 64, 2, 40), (48, 77, 1, 16)])
-def test_attention_matches_unscheduled(tmp_path, n, m, heads, d):
+def _attention_reference(q, k, v, heads, causal=False):
+    """softmax(q kᵀ / sqrt(d)) v in float64 numpy; [B, N, C] in and out."""
+    (b, n, c), m = q.shape, k.shape[1]
+    d = c // heads
+    qh, kh, vh = (a.astype(np.float64).reshape(b, -1, heads, d).transpose(0, 2, 1, 3) for a in (q, k, v))
+    scores = qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(d)  # [B, H, N, M]
+    if causal:
+        scores = scores + np.triu(np.full((n, m), -np.inf), 1)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ vh).transpose(0, 2, 1, 3).reshape(b, n, c)
+
+
+class _CausalAttention(nn.Module):
+    def forward(self, q, k, v):
+        return attention(q, k, v, 2, causal=True)
+
+
+# The fused kernel (sdcore/schedule/attention.py) in both builds, so each is checked against numpy:
+# query counts that are and are not multiples of its 32-query block, key counts that are and are not
+# multiples of its 12-key tile (77: cross-attention), head widths 40/64/80/160 (SD1.5's and SD2.1's)
+# and 16; and the unfused causal path (CLIP).
+@pytest.mark.parametrize("n,m,heads,d", [(64, 64, 2, 40), (48, 77, 1, 16), (37, 70, 3, 80), (32, 24, 1, 64),
+                                         (5, 100, 2, 160), (96, 96, 1, 40)])
+def test_attention_matches_numpy(tmp_path, n, m, heads, d):
     rng = np.random.default_rng(2)
     q = rng.standard_normal((2, n, heads * d)).astype("float32")
     k = rng.standard_normal((2, m, heads * d)).astype("float32")
     v = rng.standard_normal((2, m, heads * d)).astype("float32")
     spec = {"forward": {name: nn.spec.Tensor(a.shape, "float32") for name, a in (("q", q), ("k", k), ("v", v))}}
-    ours, ref = _both(_Attention(heads), spec, tmp_path, [q, k, v])
+    ours, unscheduled = _both(_Attention(heads), spec, tmp_path, [q, k, v])
+    ref = _attention_reference(q, k, v, heads)
     _close(ours, ref)
+    _close(unscheduled, ref)
+
+
+def test_causal_attention_matches_numpy(tmp_path):
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 77, 32)).astype("float32") for _ in range(3))
+    spec = {"forward": {name: nn.spec.Tensor(a.shape, "float32") for name, a in (("q", q), ("k", k), ("v", v))}}
+    ours, unscheduled = _both(_CausalAttention(), spec, tmp_path, [q, k, v])
+    ref = _attention_reference(q, k, v, 2, causal=True)
+    _close(ours, ref)
+    _close(unscheduled, ref)
 
 
 @pytest.mark.parametrize("batch,c,o,hw,kernel,stride", [
