@@ -91,8 +91,8 @@ UNET_CONFIG = {
 
 DEFAULTS = {"seed": 0, "vae_steps": 1500, "vae_batch": 8, "vae_lr": 1e-3, "kl_weight": 1e-7, "vae_ema_decay": 0.99,
             "decoder_steps": 4000,
-            "pool_size": 8192, "unet_steps": 7000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
-            "high_noise_weight": 5.0,
+            "pool_size": 8192, "unet_steps": 12000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
+            "high_noise_weight": 5.0, "prediction_type": "v_prediction",
             "checkpoint_every": 100}
 
 
@@ -429,11 +429,19 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> No
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         context = text_encoder(tokens(captions))[0]  # [B, 77, C]
         pred = unet(xt, torch.from_numpy(t), context).sample
-        # Layout and colours are decided at high noise, where the epsilon error is small but the
-        # x0 error it implies is large: weight those steps up to `high_noise_weight` (1/SNR, clipped).
         snr = ab / (1 - ab)
-        weight = (1 / snr).clamp(1.0, args.high_noise_weight)  # [B, 1, 1, 1]
-        loss = torch.mean(weight * (pred - noise) ** 2) / weight.mean()
+        if args.prediction_type == "v_prediction":
+            # v = sqrt(ab) eps - sqrt(1 - ab) x0: at high noise the target is (minus) the image itself,
+            # so where the prompt puts the shape is the bulk of the target, not a 7% residual on top
+            # of copying the noise through (epsilon at t = 999). Plain v-MSE = x0-MSE * (1 + SNR).
+            target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+            weight = torch.ones_like(snr)
+        else:
+            # Layout and colours are decided at high noise, where the epsilon error is small but the
+            # x0 error it implies is large: weight those steps up to `high_noise_weight` (1/SNR, clipped).
+            target = noise
+            weight = (1 / snr).clamp(1.0, args.high_noise_weight)  # [B, 1, 1, 1]
+        loss = torch.mean(weight * (pred - target) ** 2) / weight.mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.unet_lr)
         opt.zero_grad(set_to_none=True)
@@ -456,7 +464,7 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> No
 # export and evaluation
 
 
-def export(work: Path, seed: int, log: Log) -> Path:
+def export(work: Path, seed: int, log: Log, prediction_type: str = "epsilon") -> Path:
     """Write WORK/diffusers, a diffusers StableDiffusionPipeline folder, from the latest checkpoints
     (EMA weights of the UNet and text encoder)."""
     import tempfile
@@ -479,7 +487,7 @@ def export(work: Path, seed: int, log: Log) -> Path:
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     # SD's own scheduler settings (convert.DEFAULT_SCHEDULER); samplers are chosen at generation time.
     scheduler = PNDMScheduler(**SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-                              prediction_type="epsilon", timestep_spacing="leading")
+                              prediction_type=prediction_type, timestep_spacing="leading")
     pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                                    unet=unet.eval(), scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -564,7 +572,7 @@ def main(argv=None) -> int:
         evaluate(args.work / "diffusers", log)
         return 0
     if args.export_only:
-        export(args.work, args.seed, log)
+        export(args.work, args.seed, log, args.prediction_type)
         return 0
 
     log(f"training with {json.dumps(vars(args), default=str)}")
@@ -578,7 +586,7 @@ def main(argv=None) -> int:
     if args.decoder_only:
         return 0
     train_unet(pool, text_encoder, unet, args, args.work, log)
-    export(args.work, args.seed, log)
+    export(args.work, args.seed, log, args.prediction_type)
     log(f"done in {time.perf_counter() - started:.0f}s of this process")
     return 0
 
