@@ -229,6 +229,16 @@ def build(
     return CompiledModel(vm, device, param_names, param_shapes, param_dtypes, transforms, functions=list(spec))
 
 
+def scheduling_passes(target) -> list:
+    """The llvm pipeline's first half: TVM's library dispatch, sdcore's fast exp, legalization and
+    fusion, then sdcore's schedule rules. tools/profile_kernels.py stops here to time each kernel."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from sdcore.schedule import FastExp, schedule_cpu
+
+    return cpu.library_dispatch_passes(target) + [FastExp()] + cpu.legalize_passes(target) + [schedule_cpu()]
+
+
 def relax_pipeline(target, schedule: bool = True):
     """The Relax pipeline for `target`: on llvm, TVM's CPU pipeline with sdcore's schedule rules
     applied right after FuseTIR (TVM's own leaves every loop serial and unvectorized)."""
@@ -237,18 +247,12 @@ def relax_pipeline(target, schedule: bool = True):
 
     if not schedule or target.kind.name != "llvm":
         return "default"
-    from sdcore.schedule import FastExp, schedule_cpu
 
     @tvm.transform.module_pass(opt_level=0, name="SdcoreCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
             return tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + [FastExp()]
-                + cpu.legalize_passes(target)
-                + [schedule_cpu()]
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target)
+                scheduling_passes(target) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             )(mod)
 
     return _pipeline

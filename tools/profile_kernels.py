@@ -3,7 +3,7 @@
     python tools/profile_kernels.py --config sd15 --size 512 --network unet [--threads 2] [--top 25]
 
 TVM 0.27's Relax VM has no profiler, so this runs sdcore's CPU pipeline up to the schedule rules
-(sdcore.compile.relax_pipeline's first half), reads the `call_tir` calls of the forward function with
+(sdcore.compile.scheduling_passes), reads the `call_tir` calls of the forward function with
 their argument shapes, compiles each PrimFunc on its own and times it on random inputs (median of
 `--runs`). The sum is close to, not equal to, the network's time (no memory planning, caches warm
 per kernel). Random weights and inputs: speed does not depend on the values.
@@ -27,11 +27,9 @@ def scheduled_module(network: str, config: str, size: int):
     """(IRModule after FuseTIR and the schedule rules, name of the forward function)."""
     import tvm
     from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from sdcore import presets, weights
-    from sdcore.compile import make_target
-    from sdcore.schedule import FastExp, schedule_cpu
+    from sdcore.compile import make_target, scheduling_passes
     from sdcore.unet.model import unet_spec
     from sdcore.vae.model import vae_spec
 
@@ -46,8 +44,7 @@ def scheduled_module(network: str, config: str, size: int):
     mod = relax.transform.LiftTransformParams()(mod)
     target = make_target("llvm")
     with target:
-        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [FastExp()]
-                                       + cpu.legalize_passes(target) + [schedule_cpu()])(mod)
+        mod = tvm.transform.Sequential(scheduling_passes(target))(mod)
     return mod, list(spec)[0], target
 
 

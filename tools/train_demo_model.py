@@ -26,9 +26,9 @@ WORK/checkpoints) equals a shorter run, and a resumed run an uninterrupted one.
 2. Latents: 8192 images encoded once; the scaling factor is 1 / std of their posterior means.
 3. Decoder fine-tuning with the encoder frozen (SD's ft-MSE VAE recipe): sharper colours, same
    latents. Independent of stage 4, so `--decoder-only` can run it in a second process alongside.
-4. UNet + text encoder jointly on posterior samples of those latents, epsilon prediction, the
-   high-noise steps weighted up (`--high-noise-weight`: 1/SNR clipped to [1, 5]), EMA of both
-   (the EMA weights are shipped).
+4. UNet + text encoder jointly on posterior samples of those latents, v-prediction (`--prediction-type
+   epsilon`: the first model's recipe, with the high-noise steps weighted up by `--high-noise-weight`,
+   1/SNR clipped to [1, 5]; it never learnt positions), EMA of both (the EMA weights are shipped).
 
 The shipped model is this script's defaults (docs/demo-model.md has the measured run time).
 """
@@ -464,7 +464,7 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> No
 # export and evaluation
 
 
-def export(work: Path, seed: int, log: Log, prediction_type: str = "epsilon") -> Path:
+def export(work: Path, seed: int, log: Log, prediction_type: str) -> Path:
     """Write WORK/diffusers, a diffusers StableDiffusionPipeline folder, from the latest checkpoints
     (EMA weights of the UNet and text encoder)."""
     import tempfile
