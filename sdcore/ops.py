@@ -28,7 +28,10 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
         from sdcore.schedule.attention import attention_kernel
 
         func = attention_kernel(b, n, m, num_heads, d, 1.0 / d**0.5)
-        return op.tensor_ir_op(func, "fused_attention", [q, k, v], out=nn.Tensor.placeholder((b, n, c), dtype))
+        k_heads = op.permute_dims(op.reshape(k, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]
+        v_heads = op.permute_dims(op.reshape(v, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]
+        return op.tensor_ir_op(func, "fused_attention", [q, k_heads, v_heads],
+                               out=nn.Tensor.placeholder((b, n, c), dtype))
     q = op.permute_dims(op.reshape(q, (b, n, num_heads, d)), (0, 2, 1, 3))  # [B, H, N, D]
     k = op.permute_dims(op.reshape(k, (b, m, num_heads, d)), (0, 2, 3, 1))  # [B, H, D, M]
     v = op.permute_dims(op.reshape(v, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]

@@ -9,6 +9,8 @@ multiples of the vector width, head sizes of 40 and 77 keys, 1x1/3x3/stride-2 co
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from tvm.relax.frontend import nn
@@ -47,6 +49,12 @@ class _ConvBlock(nn.Module):
 class _Softmax(nn.Module):
     def forward(self, x):
         return op.softmax(x * 3.0, axis=-1) + op.sigmoid(x)
+
+
+class _Geglu(nn.Module):
+    def forward(self, x):
+        value, gate = op.chunk(x, 2, dim=-1)
+        return value * op.gelu(gate)
 
 
 def _both(module, spec: dict, tmp_path, inputs, seed=0):
@@ -142,6 +150,21 @@ def test_softmax_sigmoid_fast_exp(tmp_path):
     spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
     ours, ref = _both(_Softmax(), spec, tmp_path, [x])
     _close(ours, ref, rtol=1e-5)
+
+
+def test_gelu_fast_erf_against_float64(tmp_path):
+    # gates over [-9, 9]: the rational erf's whole range and its clamp at |x/sqrt(2)| = 4
+    gate = np.linspace(-9.0, 9.0, 2 * 3 * 64).reshape(2, 3, 64)
+    value = np.random.default_rng(5).standard_normal((2, 3, 64))
+    x = np.concatenate([value, gate], axis=-1).astype("float32")
+    spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
+    cm = build(_Geglu(), spec, name="schedule-test", cache_dir=tmp_path, use_cache=False)
+    cm.set_params({})
+    ours = cm.forward(x)
+    g = x[..., 64:].astype(np.float64)
+    erf = np.vectorize(math.erf)(g / math.sqrt(2.0))
+    ref = x[..., :64].astype(np.float64) * 0.5 * g * (1.0 + erf)
+    assert float(np.abs(ours - ref).max()) <= 2e-6 * float(np.abs(ref).max())
 
 
 def test_matmul_tiles_fit_the_registers():

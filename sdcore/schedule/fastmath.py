@@ -6,7 +6,9 @@ latents alone took seconds). This pass replaces, in float32 only, `softmax`, `ex
 `silu` with the same functions written over a polynomial exp (Cephes' expf, as TOPI's `fast_exp`:
 range reduction by ln 2, a degree-5 polynomial, the power of two built in the exponent bits;
 relative error about 1e-6, i.e. well inside the fp32 parity tolerances). Other dtypes are untouched.
-`erf` (GELU) needs nothing: TVM already lowers it to a polynomial on llvm.
+`gelu` is rewritten the same way over a rational erf (Eigen's float erf: x clamped to [-4, 4], odd
+degree-13 over even degree-8 polynomial, error about 1e-7): TVM lowers `erf` to one libm call per
+lane, which made GEGLU's value * gelu(gate) 10x slower than PyTorch's (52 vs 5 ms for 2x1024x2560).
 """
 
 from __future__ import annotations
@@ -31,6 +33,33 @@ def fast_exp(x):
     y = y * f * f + f + c(1.0)
     two_n = tirx.reinterpret(f32, tirx.shift_left(tirx.Cast("int32", n + c(127.0)), tirx.const(23, "int32")))
     return tirx.max(two_n * y, x)
+
+
+_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+               -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+              -1.42647390514189e-02)
+
+
+def fast_erf(x):
+    """erf(x) for a float32 PrimExpr: a rational approximation, vectorizable (see the module docstring)."""
+    c = lambda v: tirx.const(v, "float32")  # noqa: E731
+    xc = tirx.max(tirx.min(x, c(4.0)), c(-4.0))
+    x2 = xc * xc
+    p = c(_ERF_ALPHA[0])
+    for a in _ERF_ALPHA[1:]:
+        p = p * x2 + c(a)
+    q = c(_ERF_BETA[0])
+    for b in _ERF_BETA[1:]:
+        q = q * x2 + c(b)
+    return xc * p / q
+
+
+def _gelu(x: te.Tensor) -> te.Tensor:
+    half = tirx.const(0.5, "float32")
+    return te.compute(x.shape, lambda *i: x(*i) * (half + half * fast_erf(x(*i) * tirx.const(0.7071067811865476,
+                                                                                                "float32"))),
+                      name="gelu")
 
 
 def _sigmoid(x: te.Tensor) -> te.Tensor:
@@ -69,6 +98,8 @@ class _FastMath(PyExprMutator):
             return self.builder_.call_te(_exp, call.args[0], primfunc_name_hint="exp")
         if name == "relax.sigmoid":
             return self.builder_.call_te(_sigmoid, call.args[0], primfunc_name_hint="sigmoid")
+        if name == "relax.nn.gelu":
+            return self.builder_.call_te(_gelu, call.args[0], primfunc_name_hint="gelu")
         if name == "relax.nn.silu":
             return self.builder_.call_te(_silu, call.args[0], primfunc_name_hint="silu")
         return call
@@ -76,7 +107,7 @@ class _FastMath(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="SdcoreFastExp")
 class FastExp:
-    """Relax pass: float32 softmax/exp/sigmoid/silu over the polynomial exp (see the module docstring)."""
+    """Relax pass: float32 softmax/exp/sigmoid/silu/gelu over the polynomial exp (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mutator = _FastMath(mod)
