@@ -167,6 +167,33 @@ def test_gelu_fast_erf_against_float64(tmp_path):
     assert float(np.abs(ours - ref).max()) <= 2e-6 * float(np.abs(ref).max())
 
 
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("batch,c,h,w", [(1, 64, 6, 32), (2, 32, 3, 16), (1, 16, 4, 12)])  # 12 wide: the graph
+def test_group_norm_kernel_against_float64(tmp_path, silu, batch, c, h, w):
+    from sdcore.vae.blocks import GroupNorm
+
+    class _Norm(nn.Module):
+        def __init__(self):
+            self.norm = GroupNorm(8, c, 1e-6, "float32")
+
+        def forward(self, x):
+            return self.norm(x, silu=silu)
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((batch, c, h, w)) * 3 + 20).astype("float32")  # a mean far from 0
+    weight, bias = rng.standard_normal(c).astype("float32"), rng.standard_normal(c).astype("float32")
+    cm = build(_Norm(), {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}, name="schedule-test",
+               cache_dir=tmp_path, use_cache=False)
+    cm.set_params({"norm.weight": weight, "norm.bias": bias})
+    ours = cm.forward(x)
+    g = x.astype(np.float64).reshape(batch, 8, -1)
+    ref = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-6)).reshape(x.shape)
+    ref = ref * weight[:, None, None] + bias[:, None, None]
+    if silu:
+        ref = ref / (1 + np.exp(-ref))
+    _close(ours, ref, rtol=1e-5)
+
+
 def test_matmul_tiles_fit_the_registers():
     for m, n in [(8192, 320), (154, 320), (2048, 40), (1024, 77), (128, 10240), (3, 5)]:
         nr, vw, mr, mc = matmul_tiles(m, n, 16)
