@@ -97,11 +97,11 @@ class StableDiffusion:
 
             from sdcore.compile import device_for
 
-            _config, state = weights.load_component(self.model_dir, component)
             device = device_for(self.target)
-            # one array at a time, each NumPy copy freed as soon as it is on the device: converting
-            # the dict at once held the UNet's weights twice (3.4 GB more at the peak of a txt2img)
-            self._params[component] = {k: tvm.runtime.tensor(state.pop(k), device) for k in list(state)}
+            # each array goes to the device as it is read (the NumPy copy then freed): loading the
+            # whole file first held the UNet's weights twice, 3.4 GB more at the peak of a txt2img
+            _config, self._params[component] = weights.load_component(
+                self.model_dir, component, convert=lambda array: tvm.runtime.tensor(array, device))
         return self._params[component]
 
     def release(self, component: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -89,21 +90,74 @@ def weight_path(model_dir: str | Path, component: str) -> Path:
     return Path(model_dir) / component / (COMPONENTS[component][3] + ".safetensors")
 
 
-def load_component(model_dir: str | Path, component: str, dtype: str = "float32") -> tuple[dict, dict[str, np.ndarray]]:
-    """(config dict, checked state dict in `dtype`) of one component of a converted model directory."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+# safetensors dtype -> NumPy dtype, for the types a converted directory holds (and integer buffers)
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                       "I8": "i1", "U8": "u1", "BOOL": "?"}
 
+
+class _Header:
+    """A tensor of a safetensors file, not yet read: its shape, NumPy dtype and byte range."""
+
+    def __init__(self, shape, dtype, begin: int, end: int):
+        self.shape, self.dtype, self.begin, self.end = tuple(shape), np.dtype(dtype), begin, end
+
+
+def read_safetensors_header(path: Path) -> dict[str, _Header]:
+    """Name -> _Header of every tensor in a safetensors file, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise SdcoreError(f"{path} cannot be read ({err}); convert the model again.") from None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = (int(v) for v in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise SdcoreError(f"{path}: tensor {name} has an unreadable entry {info!r}; convert the model "
+                              f"again.") from None
+        entry = _Header(shape, dtype, 8 + n + begin, 8 + n + end)
+        if entry.end > size or entry.end - entry.begin != int(np.prod(shape)) * entry.dtype.itemsize:
+            raise SdcoreError(f"{path}: tensor {name} lies outside the file or has the wrong size; the file is "
+                              f"truncated or corrupt.")
+        tensors[name] = entry
+    return tensors
+
+
+def load_component(model_dir: str | Path, component: str, dtype: str = "float32",
+                   convert: Callable[[np.ndarray], Any] | None = None) -> tuple[dict, dict[str, Any]]:
+    """(config dict, checked state dict in `dtype`) of one component of a converted model directory.
+
+    The names and shapes are checked from the file's header before any tensor is read; then each
+    tensor is read with plain file reads (no memory map: its pages would stay resident until the
+    file is closed) and passed through `convert` (e.g. to a device array) before the next one is
+    read, so loading never holds two copies of the weights.
+    """
     config = read_config(model_dir, component)
     path = weight_path(model_dir, component)
     if not path.exists():
         raise SdcoreError(f"{path} is missing: is {model_dir} a converted sdcore model directory?")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SdcoreError(f"{path} cannot be read ({err}); convert the model again.") from None
-    state = {k: v.astype(dtype, copy=False) if v.dtype.kind == "f" else v for k, v in state.items()}
-    return config, check_state_dict(component, state, expected_shapes(component, config), source=str(path))
+    headers = check_state_dict(component, read_safetensors_header(path), expected_shapes(component, config),
+                               source=str(path))
+    state = {}
+    with open(path, "rb") as f:
+        for name, entry in headers.items():
+            f.seek(entry.begin)
+            array = np.fromfile(f, dtype=entry.dtype, count=int(np.prod(entry.shape))).reshape(entry.shape)
+            if array.nbytes != entry.end - entry.begin:
+                raise SdcoreError(f"{path}: tensor {name} is truncated; convert the model again.")
+            if array.dtype.kind == "f":
+                array = array.astype(dtype, copy=False)
+            state[name] = convert(array) if convert is not None else array
+    return config, state
 
 
 def read_model_info(model_dir: str | Path) -> dict:

@@ -102,3 +102,21 @@ def test_bad_model_dir(model, tmp_path, capsys):
     code, _, err = _run(["txt2img", "--model", path, "--prompt", "x", "--output", tmp_path / "o.png"], capsys)
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
     assert ("no sdcore.json" if model == "empty" else "does not exist") in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_damaged_weight_file(damage, checkpoints, tmp_path, capsys):
+    import shutil
+
+    from sdcore import weights
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoints.converted("tiny-sd1"), model)
+    path = weights.weight_path(model, "text_encoder")  # the first network loaded
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000] if damage == "truncated" else b"\xff" * 8 + data[8:])
+    capsys.readouterr()  # what making the checkpoint printed
+    code, _, err = _run(["txt2img", "--model", model, "--prompt", "x", "--output", tmp_path / "o.png"], capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "text_encoder/model.safetensors" in err
+    assert not (tmp_path / "o.png").exists()
