@@ -164,9 +164,23 @@ def bench_compile(preset_name: str, size: int, cache: str, log) -> dict:
 # whole txt2img, one subprocess per side (own peak RSS)
 
 
-def _child(args) -> int:
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM where /proc has it. Not ru_maxrss: on Linux a
+    child started by fork + exec inherits its parent's peak, so a benchmark parent that had loaded
+    both pipelines' networks (12 GB) made every child report at least that."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def _child(args) -> int:
     import numpy as np
 
     out = {}
@@ -195,7 +209,7 @@ def _child(args) -> int:
         t0 = time.perf_counter()
         pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw)
     out["seconds"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb()
     del np
     print("RESULT " + json.dumps(out))
     return 0
