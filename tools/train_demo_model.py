@@ -22,7 +22,8 @@ after warm-up and the saved weights are EMAs, so a run stopped at a checkpoint (
 WORK/checkpoints) equals a shorter run, and a resumed run an uninterrupted one.
 
 1. VAE: MSE + L1 reconstruction with the shape's pixels weighted 10x, a small KL term; no GAN or
-   perceptual loss (flat colours need neither).
+   perceptual loss (flat colours need neither). `--colour-weight W` adds W x the squared error of
+   each shape's mean colour (VAE and decoder stages; 0 in the shipped recipe, see docs/demo-model.md).
 2. Latents: 8192 images encoded once; the scaling factor is 1 / std of their posterior means.
 3. Decoder fine-tuning with the encoder frozen (SD's ft-MSE VAE recipe): sharper colours, same
    latents. Independent of stage 4, so `--decoder-only` can run it in a second process alongside.
@@ -90,7 +91,7 @@ UNET_CONFIG = {
 }
 
 DEFAULTS = {"seed": 0, "vae_steps": 1500, "vae_batch": 8, "vae_lr": 1e-3, "kl_weight": 1e-7, "vae_ema_decay": 0.99,
-            "decoder_steps": 4000,
+            "decoder_steps": 4000, "colour_weight": 0.0,
             "pool_size": 8192, "unet_steps": 12000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
             "high_noise_weight": 5.0, "prediction_type": "v_prediction",
             "checkpoint_every": 100}
@@ -238,16 +239,24 @@ class Log:
         self.file.flush()
 
 
-def reconstruction_loss(recon, x, labels):
+def reconstruction_loss(recon, x, labels, colour_weight: float = 0.0):
     """MSE + L1, the shape's pixels weighted SHAPE_WEIGHT times: the shape covers a tenth of the
     image, and without the weight the VAE learns the background first and paints every shape one
-    muddy colour for a long time."""
+    muddy colour for a long time. With colour_weight > 0, plus that times the squared error of the
+    shape's mean colour (over its fully covered pixels): it separates red from yellow on light
+    backgrounds, which per-pixel errors leave close (docs/demo-model.md)."""
     import torch
 
     bg = np.array([BACKGROUNDS[lb["background"]] for lb in labels], np.float32)[:, :, None, None] / 127.5 - 1
+    fg = np.array([COLOURS[lb["colour"]] for lb in labels], np.float32)[:, :, None, None] / 127.5 - 1
     shape = (x - torch.from_numpy(bg)).abs().sum(1, keepdim=True) > 0.02  # [B, 1, H, W]
     weight = 1.0 + (SHAPE_WEIGHT - 1.0) * shape.float()
-    return torch.mean(weight * ((recon - x) ** 2 + torch.abs(recon - x))) / weight.mean()
+    loss = torch.mean(weight * ((recon - x) ** 2 + torch.abs(recon - x))) / weight.mean()
+    if colour_weight > 0:
+        inside = ((x - torch.from_numpy(fg)).abs().sum(1, keepdim=True) < 0.02).float()  # [B, 1, H, W]
+        mean_colour = (recon * inside).sum((2, 3)) / inside.sum((2, 3)).clamp(min=1.0)  # [B, 3]
+        loss = loss + colour_weight * torch.mean((mean_colour - torch.from_numpy(fg[:, :, 0, 0])) ** 2)
+    return loss
 
 
 def train_decoder(vae, args, work: Path, log: Log):
@@ -283,7 +292,7 @@ def train_decoder(vae, args, work: Path, log: Log):
             posterior = live.encode(x).latent_dist
         eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
         recon = live.decode(posterior.mean + posterior.std * eps).sample
-        loss = reconstruction_loss(recon, x, labels)
+        loss = reconstruction_loss(recon, x, labels, args.colour_weight)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.vae_lr)
         opt.zero_grad(set_to_none=True)
@@ -329,7 +338,7 @@ def train_vae(vae, args, work: Path, log: Log):
         eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
         z = posterior.mean + posterior.std * eps
         recon = vae.decode(z).sample
-        loss_rec = reconstruction_loss(recon, x, labels)
+        loss_rec = reconstruction_loss(recon, x, labels, args.colour_weight)
         mse = torch.mean((recon - x) ** 2)
         kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
         loss = loss_rec + args.kl_weight * kl
