@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import gc
 import logging
 import time
 from pathlib import Path
@@ -119,16 +120,24 @@ class StableDiffusion:
             module = make_module()
             self._compiled[full_key] = build(module, make_spec(module), name=name, target=self.target,
                                              cache_dir=self.cache_dir)
+            del module
+            # TVMScript's parser keeps inspect.stack() records, which hold every caller's frame (this
+            # one too) in reference cycles: collect them now, or the weights bound below stay alive
+            # through this frame until Python's collector happens to run (1 GB for the UNet)
+            gc.collect()
         compiled = self._compiled[full_key]
         if not compiled.has_params:
-            state = self._weights(component)
-            # a VAE built for one function holds only that half's weights
-            compiled.set_params({name: state[name] for name in compiled.param_names if name in state})
-            if compiled.transforms:
-                # the compiled model now holds its own prepared (transposed) weights: drop the
-                # loaded copy; another shape of this network reads the file again
-                self._params.pop(component, None)
+            self._bind(component, compiled)
         return compiled
+
+    def _bind(self, component: str, compiled) -> None:
+        state = self._weights(component)
+        # a VAE built for one function holds only that half's weights
+        compiled.set_params({name: state[name] for name in compiled.param_names if name in state})
+        if compiled.transforms:
+            # the compiled model now holds its own prepared (transposed) weights: drop the loaded
+            # copy; another shape of this network reads the file again
+            self._params.pop(component, None)
 
     def text_encoder(self, clip_skip: int | None):
         from sdcore.clip.model import clip_spec
