@@ -136,6 +136,8 @@ def test_causal_attention_matches_numpy(tmp_path):
     (2, 8, 16, 16, 3, 1),   # 16 columns: one vector per row
     (1, 8, 12, 8, 3, 1),    # 8 columns: rows stacked in the register tile
     (1, 8, 8, 12, 1, 1),    # 1x1: no padding copy
+    (2, 16, 8, 32, 1, 1),   # 1x1 with its input copied to [N, H, C, W]
+    (1, 8, 12, 32, 3, 1),   # 3x3: 4 rows x 4 channels x one vector, two column tiles
     (2, 8, 8, 10, 3, 2),    # stride 2, odd output width
 ])
 def test_conv_matches_unscheduled(tmp_path, batch, c, o, hw, kernel, stride):

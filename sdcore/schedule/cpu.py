@@ -349,6 +349,7 @@ def _parallel_vectorize(sch: s_tir.Schedule, info, lanes: int) -> None:
 
 
 _CONV_INPUT_BYTES = 512 * 1024  # input rows per conv task (image-major order): half the L2
+_CONV_COPY_1X1_BYTES = 64 << 20  # 1x1 inputs up to this size are copied to [N, H, C, W] first
 
 
 class Conv2d(dlight.ScheduleRule):
@@ -387,20 +388,37 @@ class Conv2d(dlight.ScheduleRule):
         pad = stmt.reads[0].source.name if window != [1, 1] else None
         _inline_spatial(sch, keep={name, pad})
         block = sch.get_sblock(name)
+        copy = None
+        c_in = int(stmt.iter_vars[4].dom.extent)
+        if pad is None and int(stmt.iter_vars[0].dom.extent) * c_in * h * w * 4 <= _CONV_COPY_1X1_BYTES:
+            # a 1x1 window reads its input in NCHW, one row piece per channel 16 KB apart at 64x64:
+            # copy it to [N, H, C, W] first, as the padding copy of a 3x3 is (UNet 640->320 at
+            # 64x64: 26 -> 14 ms, torch 12; 2560->1280 at 16x16: 25 -> 15, torch 12; the copy
+            # costs more than it saves on the VAE's 268 MB inputs)
+            copy = sch.cache_read(block, 0, "global")
         writeback = sch.cache_write(block, 0, "local")
         _inline_consumers(sch, writeback)
 
-        if w % (2 * lanes) == 0:
-            xr = 2 * lanes
-        elif w % lanes == 0 or w > 2 * lanes:
-            xr = lanes
+        if window != [1, 1] and w % lanes == 0 and f % 4 == 0:
+            # 3x3: one vector per output row, 4 rows x 4 channels (16 accumulators). Per input channel
+            # and tap that is 4 input loads and 4 weight broadcasts for 16 FMAs, against 2 + 8 for
+            # 2 vectors x 8 channels; measured 1 thread, vs that tiling: VAE 128->128 at 512x512
+            # 112 -> 135 GFLOP/s, 512->512 at 128x128 139 -> 161, UNet 320->320 at 64x64 143 -> 164
+            xr, yr = lanes, _pick([4, 2, 1], h, 1)
+            vecs = yr
+            fr = _pick([c for c in (8, 4, 2, 1) if c * vecs <= 16], f, 1)
         else:
-            xr = w
-        yr = _pick([r for r in (4, 2, 1) if r * xr <= 2 * lanes], h, 1)
-        vecs = yr * -(-xr // lanes)
-        fr = _pick([c for c in (12, 8, 6, 5, 4, 3, 2, 1) if c * vecs <= 24], f, 1)
-        if fr * vecs <= 12 and xr == 2 * lanes and w % (4 * lanes) == 0:
-            xr, vecs = 4 * lanes, 2 * vecs
+            if w % (2 * lanes) == 0:
+                xr = 2 * lanes
+            elif w % lanes == 0 or w > 2 * lanes:
+                xr = lanes
+            else:
+                xr = w
+            yr = _pick([r for r in (4, 2, 1) if r * xr <= 2 * lanes], h, 1)
+            vecs = yr * -(-xr // lanes)
+            fr = _pick([c for c in (12, 8, 6, 5, 4, 3, 2, 1) if c * vecs <= 24], f, 1)
+            if fr * vecs <= 12 and xr == 2 * lanes and w % (4 * lanes) == 0:
+                xr, vecs = 4 * lanes, 2 * vecs
 
         n_, f_, y_, x_, *red = sch.get_loops(block)
         rc = red[0]
@@ -410,7 +428,6 @@ class Conv2d(dlight.ScheduleRule):
         # Tasks walk rows inside channel blocks when the weights are the larger operand (deep, low
         # resolution layers) and channel blocks inside rows when the image is (a VAE decoder at
         # 512x512 would otherwise stream its whole input from memory once per channel block).
-        c_in = int(stmt.iter_vars[4].dom.extent)
         if c_in * h * w > f * c_in * window[0] * window[1]:
             # A task takes a chunk of the row whose input rows (all channels) fit ~512 KiB, and
             # consecutive tasks the next channel blocks of that chunk: with whole rows (256
@@ -433,6 +450,11 @@ class Conv2d(dlight.ScheduleRule):
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
         sch.vectorize(sch.get_loops(writeback)[-1])
+        if copy is not None:  # parallel over (n, row, channel), vectorized along the row
+            sch.transform_layout(copy, ("write", 0), lambda n, c, y, x: (n, y, c, x))
+            loops = sch.get_loops(copy)
+            sch.parallel(sch.fuse(*loops[:-1]))
+            sch.vectorize(loops[-1])
         if pad is not None:  # the padding copy: parallel over (n, c, row), vectorized along the row
             # ... written as [N, H, C, W]: a task's input rows for every channel are then one
             # contiguous range, not C planes apart. In NCHW a 1920-channel 32x32 input is 9 MB, a
