@@ -83,6 +83,8 @@ def _add_generate(sub, mode: str) -> None:
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "auto"])
     p.add_argument("--cache-dir", type=Path, default=None, help="compiled-library cache (default ~/.cache/sdcore)")
     p.add_argument("--low-memory", action="store_true", help="free each network's weights after its stage")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: TVM_NUM_THREADS if set, else every CPU this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--output", "-o", type=Path, required=True, help="PNG file (batch: FILE-0.png, FILE-1.png, ...)")
 
@@ -126,7 +128,8 @@ def _run_generate(args) -> int:
             latents = np.load(args.latents, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise SdcoreError(f"--latents {args.latents} is not a readable .npy file ({err}).", exit_code=2) from None
-    pipe = StableDiffusion.load(args.model, target=args.target, cache_dir=args.cache_dir, low_memory=args.low_memory)
+    pipe = StableDiffusion.load(args.model, target=args.target, cache_dir=args.cache_dir, low_memory=args.low_memory,
+                                threads=args.threads)
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip,
                   progress=not args.no_progress, tome=tome)

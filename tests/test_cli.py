@@ -4,6 +4,10 @@ any compile."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,6 +56,7 @@ BAD = {
     "guidance negative": (["txt2img", "--guidance-scale", "-1"], 2, "guidance"),
     "batch size zero": (["txt2img", "--batch-size", "0"], 2, "batch size"),
     "seed negative": (["txt2img", "--seed", "-5"], 2, "seed"),
+    "threads zero": (["txt2img", "--threads", "0"], 2, "threads"),
     "clip skip too large": (["txt2img", "--clip-skip", "9"], 2, "clip skip"),
     "not a png": (["txt2img", "--output", "{tmp}/x.jpg"], 2, ".png"),
     "missing output folder": (["txt2img", "--output", "{tmp}/no/x.png"], 2, "does not exist"),
@@ -120,3 +125,13 @@ def test_damaged_weight_file(damage, checkpoints, tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
     assert "text_encoder/model.safetensors" in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_default_threads_are_every_cpu():
+    """TVM alone would start half the CPUs (it takes each pair for one hyper-threaded core)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    code = ("from sdcore.compile import set_threads; n = set_threads(); import tvm, tvm_ffi; "
+            "print(n, tvm_ffi.get_global_func('runtime.NumThreads')())")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    cpus = str(len(os.sched_getaffinity(0)))
+    assert done.stdout.split() == [cpus, cpus]
