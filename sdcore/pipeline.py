@@ -14,8 +14,8 @@ equals a batch-1 run with seed + i. `latents=` gives x_T explicitly (the parity 
 from __future__ import annotations
 
 import dataclasses
-import json
 import gc
+import json
 import logging
 import time
 from pathlib import Path
