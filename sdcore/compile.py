@@ -10,6 +10,7 @@ detected, deleted and rebuilt instead of crashing the run.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -212,6 +213,12 @@ def build(
     device = device_for(target)
 
     ir_mod, named_params = module.export_tvm(spec=spec, debug=debug)
+    # TVMScript's parser (the hand-written kernels are parsed during the export) keeps
+    # inspect.stack() records in reference cycles, and they hold every caller's frame: collected
+    # only when Python's cycle collector happens to run, a caller's locals stayed alive (the
+    # pipeline's untransposed UNet weights, 1 GB; a parity test's torch and sdcore models, until
+    # `pytest -m slow` ran out of 24 GB)
+    gc.collect()
     param_names = [n for n, _ in named_params]
     param_shapes = [tuple(int(s) for s in p.shape) for _, p in named_params]
     param_dtypes = [p.dtype for _, p in named_params]

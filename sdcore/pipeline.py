@@ -14,7 +14,6 @@ equals a batch-1 run with seed + i. `latents=` gives x_T explicitly (the parity 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import time
@@ -123,11 +122,6 @@ class StableDiffusion:
             module = make_module()
             self._compiled[full_key] = build(module, make_spec(module), name=name, target=self.target,
                                              cache_dir=self.cache_dir)
-            del module
-            # TVMScript's parser keeps inspect.stack() records, which hold every caller's frame (this
-            # one too) in reference cycles: collect them now, or the weights bound below stay alive
-            # through this frame until Python's collector happens to run (1 GB for the UNet)
-            gc.collect()
         compiled = self._compiled[full_key]
         if not compiled.has_params:
             self._bind(component, compiled)

@@ -206,3 +206,27 @@ def test_matmul_tiles_fit_the_registers():
         tiles = -(-m // mr)
         packed = _packed_row_tiles(tiles, mr, n // nr)
         assert tiles % packed == 0 and (packed * mr <= 512 or packed == 1)
+
+
+def test_build_keeps_no_caller_frame_alive(tmp_path):
+    """TVMScript's parser (run while the attention kernel is exported) keeps inspect.stack() records in
+    reference cycles that hold every caller's frame; build() collects them, so a caller's locals (the
+    pipeline's loaded weights, a test's models) are freed when it returns, not at some later GC."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    def caller():
+        payload = Payload()
+        spec = {"forward": {n: nn.spec.Tensor((1, 16, 32), "float32") for n in ("q", "k", "v")}}
+        build(_Attention(2), spec, name="frames", cache_dir=tmp_path)
+        return weakref.ref(payload)
+
+    gc.disable()  # only build()'s own collection may run
+    try:
+        ref = caller()
+        assert ref() is None, "the caller's frame outlived the call"
+    finally:
+        gc.enable()
