@@ -18,7 +18,7 @@ from tvm.relax.frontend.nn import op
 
 from sdcore.compile import build
 from sdcore.ops import attention
-from sdcore.schedule.cpu import _packed_row_tiles, matmul_tiles
+from sdcore.schedule.cpu import _PANEL_BYTES, _packed_row_tiles, matmul_tiles
 
 
 class _Linear(nn.Module):
@@ -206,6 +206,10 @@ def test_matmul_tiles_fit_the_registers():
         tiles = -(-m // mr)
         packed = _packed_row_tiles(tiles, mr, n // nr)
         assert tiles % packed == 0 and (packed * mr <= 512 or packed == 1)
+    # a long reduction (the feed-forward output, K = 5120) narrows the panel to fit the L2
+    nr, *_ = matmul_tiles(512, 1280, 16, k=5120)
+    assert 1280 % nr == 0 and 5120 * nr * 4 <= _PANEL_BYTES
+    assert matmul_tiles(512, 1280, 16, k=320)[0] == 80
 
 
 def test_build_keeps_no_caller_frame_alive(tmp_path):
