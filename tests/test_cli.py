@@ -135,3 +135,10 @@ def test_default_threads_are_every_cpu():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     cpus = str(len(os.sched_getaffinity(0)))
     assert done.stdout.split() == [cpus, cpus]
+
+
+def test_bad_thread_variable(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TVM_NUM_THREADS", "many")
+    code, _out, err = _run(["txt2img", "--prompt", "a red circle", "--output", tmp_path / "x.png"], capsys)
+    assert code == 2 and "TVM_NUM_THREADS" in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
