@@ -1,7 +1,7 @@
 """sdcore against diffusers (PyTorch) on the CPU, side by side, same weights, threads and shapes.
 
     python tools/benchmark.py [--config sd15|sd21|tiny] [--size 512 ...] [--steps 20] [--runs 5]
-        [--threads N] [--rows unet,vae,text,txt2img] [--write docs/performance.md]
+        [--threads N] [--rows unet,vae,text,txt2img] [--tome-ratio 0.5 ...] [--write docs/performance.md]
 
 For each size it builds diffusers' UNet, VAE and text encoder with seeded random weights (speed does
 not depend on the values), binds the same weights into sdcore's networks, and times both sides in
@@ -10,6 +10,8 @@ The headline is the ratio sdcore / PyTorch: absolute times on a shared machine d
 in the same minute does much less. Rows:
 
 - unet: one denoising step with guidance (batch 2, 77 tokens)
+  (with `--tome-ratio R ...` also with token merging at each ratio: sdcore's graph with ToMe
+  compiled in against diffusers' UNet patched by tomesd, use_rand off on both sides)
 - vae: VAE decode of one latent
 - text: text encoding of a prompt and a negative prompt (batch 2)
 - txt2img: a whole generation of S steps, each side in its own subprocess (so each has its own peak
@@ -97,8 +99,9 @@ def _build_all(p: dict, size: int, cache_dir: str, use_cache: bool = True):
     return nets, seconds
 
 
-def bench_size(preset_name: str, size: int, rows, runs: int, cache_dir: str, log) -> dict:
-    """Timings of the per-network rows at one size: {row: (sdcore s, torch s)} plus compile seconds."""
+def bench_size(preset_name: str, size: int, rows, runs: int, cache_dir: str, log, tome_ratios=()) -> dict:
+    """Timings of the per-network rows at one size: {row: (sdcore s, torch s)} plus compile seconds;
+    with `tome_ratios`, {"tome": {ratio: (sdcore s, diffusers+tomesd s)}} for the UNet step too."""
     import numpy as np
     import torch
 
@@ -132,6 +135,8 @@ def bench_size(preset_name: str, size: int, rows, runs: int, cache_dir: str, log
                                               lambda: unet_t(ts[0], ts[1], encoder_hidden_states=ts[2]).sample,
                                               runs)
             log(f"[{size}px] unet {out['unet']}")
+        if tome_ratios:
+            out["tome"] = _bench_tome(p, unet_t, size, tome_ratios, (sample, timestep, context), runs, cache_dir, log)
         if "vae" in rows:
             zt = torch.from_numpy(z)
             out["vae"] = _median_alternating(lambda: nets["vae"].decode(z), lambda: vae_t.decode(zt).sample, runs)
@@ -140,6 +145,38 @@ def bench_size(preset_name: str, size: int, rows, runs: int, cache_dir: str, log
             it = torch.from_numpy(ids.astype("int64"))
             out["text"] = _median_alternating(lambda: nets["text"].forward(ids), lambda: text_t(it), runs)
             log(f"[{size}px] text {out['text']}")
+    return out
+
+
+def _bench_tome(p: dict, unet_t, size: int, ratios, inputs, runs: int, cache_dir: str, log) -> dict:
+    """UNet step with token merging: sdcore's graph with ToMe compiled in against diffusers' UNet
+    patched by tomesd, same ratio, tomesd's other defaults, use_rand off on both sides (so the two
+    merge the same tokens)."""
+    import tomesd
+    import torch
+
+    from sdcore import weights
+    from sdcore.compile import build
+    from sdcore.tome import ToMeConfig
+    from sdcore.unet.model import unet_spec
+
+    lat = size // 8
+    state = _state(unet_t)
+    ts = [torch.from_numpy(x) for x in inputs]
+    out = {}
+    for ratio in ratios:
+        tome = ToMeConfig(ratio=ratio, use_rand=False)
+        module = weights.build_module("unet", p["unet"], tome=tome)
+        net = build(module, unet_spec(module.config, 2, lat, lat, tome=tome), name=f"bench-unet-{tome.tag()}",
+                    cache_dir=cache_dir)
+        net.set_params(state)
+        tomesd.apply_patch(unet_t, ratio=ratio, use_rand=False)
+        try:
+            out[ratio] = _median_alternating(lambda: net.forward(*inputs),
+                                             lambda: unet_t(ts[0], ts[1], encoder_hidden_states=ts[2]).sample, runs)
+        finally:
+            tomesd.remove_patch(unet_t)
+        log(f"[{size}px] unet tome {ratio} {out[ratio]}")
     return out
 
 
@@ -267,6 +304,10 @@ def format_table(config: str, results: dict, compile_res: dict | None, threads: 
             if row in res:
                 a, b = res[row]
                 lines.append(f"| {names[row]} | {size}x{size} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {_ratio(a, b)} |")
+            if row == "unet":
+                for ratio, (a, b) in res.get("tome", {}).items():
+                    lines.append(f"| UNet step, ToMe {ratio:g} (vs diffusers+tomesd) | {size}x{size} | {a * 1e3:.0f} ms | "
+                                 f"{b * 1e3:.0f} ms | {_ratio(a, b)} |")
         if "txt2img" in res:
             s, d = res["txt2img"]["sdcore"], res["txt2img"]["diffusers"]
             label = f"txt2img, {steps} steps (warm)"
@@ -306,6 +347,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", help="sdcore compile cache for the timed builds (default: a temporary one)")
     parser.add_argument("--write", type=Path, help="write the table as Markdown to this file")
     parser.add_argument("--json", type=Path, help="write the raw figures as JSON")
+    parser.add_argument("--tome-ratio", type=float, nargs="+", default=[],
+                        help="also time the UNet step with token merging at these ratios (sdcore vs diffusers+tomesd)")
     parser.add_argument("--child", choices=["sdcore", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -326,6 +369,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(rows) - set(ALL_ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}")
+    bad = [r for r in args.tome_ratio if not 0.0 < r < 1.0]
+    if bad:
+        parser.error(f"--tome-ratio must be between 0 and 1 (exclusive), got {bad}")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -346,7 +392,8 @@ def main(argv=None) -> int:
         for size in sizes:
             res = {}
             if {"unet", "vae", "text"} & set(rows):
-                res = bench_size(preset_name, size, rows, args.runs, args.cache_dir, log)
+                res = bench_size(preset_name, size, rows, args.runs, args.cache_dir, log,
+                                 args.tome_ratio if "unet" in rows else ())
             if "txt2img" in rows:
                 res["txt2img"] = bench_txt2img(preset_name, size, steps, threads, args.cache_dir, log)
             results[size] = res
