@@ -81,6 +81,9 @@ def _add_generate(sub, mode: str) -> None:
     tome.add_argument("--tome-no-rand", action="store_true",
                       help="top-left destination of each window instead of a random one (seeded)")
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "auto"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float16"],
+                   help="UNet and text encoder precision (default: float16 on cuda, float32 on the CPU; "
+                        "the VAE is float32)")
     p.add_argument("--cache-dir", type=Path, default=None, help="compiled-library cache (default ~/.cache/sdcore)")
     p.add_argument("--low-memory", action="store_true", help="free each network's weights after its stage")
     p.add_argument("--threads", type=int, default=None,
@@ -129,7 +132,7 @@ def _run_generate(args) -> int:
         except (OSError, ValueError) as err:
             raise SdcoreError(f"--latents {args.latents} is not a readable .npy file ({err}).", exit_code=2) from None
     pipe = StableDiffusion.load(args.model, target=args.target, cache_dir=args.cache_dir, low_memory=args.low_memory,
-                                threads=args.threads)
+                                threads=args.threads, dtype=args.dtype)
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip,
                   progress=not args.no_progress, tome=tome)

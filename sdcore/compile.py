@@ -36,8 +36,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "sdcore"
 
 
-def make_target(name: str = "llvm"):
-    """A TVM target for `name`: "llvm" (the host CPU, detected), "cuda", or "auto"."""
+def make_target(name: str = "llvm", arch: str | None = None):
+    """A TVM target for `name`: "llvm" (the host CPU, detected), "cuda", or "auto" (cuda when a GPU
+    is visible, else llvm). `arch` ("sm_90") builds for a GPU this machine does not have: the
+    library can be built and checked here (tests/test_cuda_build.py), but run only where one is."""
     import tvm
     from tvm.target import Target
 
@@ -49,9 +51,11 @@ def make_target(name: str = "llvm"):
         cpu = codegen.llvm_get_system_cpu()
         return Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
     if name == "cuda":
-        if not tvm.cuda(0).exist:
-            raise SdcoreError("target 'cuda' asked for, but no CUDA GPU is visible to TVM.")
-        return Target({"kind": "cuda", "arch": "sm_" + tvm.cuda(0).compute_version.replace(".", "")})
+        if arch is None:
+            if not tvm.cuda(0).exist:
+                raise SdcoreError("target 'cuda' asked for, but no CUDA GPU is visible to TVM.")
+            arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        return Target({"kind": "cuda", "arch": arch})
     raise SdcoreError(f"unknown target {name!r}: use 'llvm', 'cuda' or 'auto'.", exit_code=2)
 
 
@@ -103,7 +107,8 @@ class CompiledModel:
     """
 
     def __init__(self, vm, device, param_names: Sequence[str], param_shapes: Sequence[tuple], param_dtypes,
-                 transforms: dict[str, str] | None = None, functions: Sequence[str] = ()):
+                 transforms: dict[str, str] | None = None, functions: Sequence[str] = (),
+                 input_dtypes: dict[str, list] | None = None):
         self.vm = vm
         self.device = device
         self.param_names = list(param_names)
@@ -113,6 +118,9 @@ class CompiledModel:
         # set_params runs once: the function itself takes the prepared weights
         self.transforms = dict(transforms or {})
         self.functions = list(functions)
+        # exported function -> each input's dtype: NumPy inputs are converted to it (a float16
+        # UNet takes the sampler's float64 latents)
+        self.input_dtypes = dict(input_dtypes or {})
         self._params: list | None = None
         self._prepared: dict[str, list] = {}
 
@@ -166,8 +174,10 @@ class CompiledModel:
 
         if self._params is None:
             raise SdcoreError("parameters are not bound: call set_params() first.")
-        args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
-                for x in inputs]
+        dtypes = list(self.input_dtypes.get(function, []))
+        dtypes += [None] * (len(inputs) - len(dtypes))
+        args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x, dtype), self.device)
+                for x, dtype in zip(inputs, dtypes)]
         if function not in self._prepared and not self._params and self.param_names:
             raise SdcoreError(f"function {function!r} is not one this model was built with ({self.functions}).")
         out = self.vm[function](*args, *self._prepared.get(function, self._params))
@@ -213,15 +223,8 @@ def build(
 
     if isinstance(target, str):
         target = make_target(target)
-    device = device_for(target)
 
-    ir_mod, named_params = module.export_tvm(spec=spec, debug=debug)
-    # TVMScript's parser (the hand-written kernels are parsed during the export) keeps
-    # inspect.stack() records in reference cycles, and they hold every caller's frame: collected
-    # only when Python's cycle collector happens to run, a caller's locals stayed alive (the
-    # pipeline's untransposed UNet weights, 1 GB; a parity test's torch and sdcore models, until
-    # `pytest -m slow` ran out of 24 GB)
-    gc.collect()
+    ir_mod, named_params = export(module, spec, target, debug=debug)
     param_names = [n for n, _ in named_params]
     param_shapes = [tuple(int(s) for s in p.shape) for _, p in named_params]
     param_dtypes = [p.dtype for _, p in named_params]
@@ -248,14 +251,7 @@ def build(
         if lib is not None:
             logger.info("loaded %s from cache (%s)", name, lib_path.name)
 
-    transforms = {}
-    if schedule and target.kind.name == "llvm":
-        # weight-only computations (the transposes of every nn.Linear weight) move into
-        # `<function>_transform_params`, run once when the weights are bound
-        ir_mod = relax.transform.LiftTransformParams()(ir_mod)
-        names = {gv.name_hint for gv in ir_mod.get_global_vars()}
-        transforms = {fn: fn + "_transform_params" for fn in spec if fn + "_transform_params" in names}
-
+    ir_mod, transforms = lift_weight_transforms(ir_mod, target, schedule, spec)
     if lib is None:
         start = time.perf_counter()
         executable = relax.build(ir_mod, target=target, relax_pipeline=relax_pipeline(target, schedule))
@@ -266,8 +262,40 @@ def build(
             lib = tvm.runtime.load_module(str(lib_path))
         else:
             lib = executable
+    device = device_for(target)
     vm = relax.VirtualMachine(lib, device)
-    return CompiledModel(vm, device, param_names, param_shapes, param_dtypes, transforms, functions=list(spec))
+    input_dtypes = {fn: [getattr(arg, "dtype", None) for arg in args.values()] for fn, args in spec.items()}
+    return CompiledModel(vm, device, param_names, param_shapes, param_dtypes, transforms, functions=list(spec),
+                         input_dtypes=input_dtypes)
+
+
+def export(module, spec: dict[str, dict[str, Any]], target, *, debug: bool = False):
+    """`module.export_tvm(spec)` for `target` -> (IRModule, named parameters). The hand-written CPU
+    kernels (sdcore/schedule) go into llvm exports only; a CUDA export is the plain graph."""
+    from sdcore.ops import kernels_for
+
+    with kernels_for(target.kind.name):
+        ir_mod, named_params = module.export_tvm(spec=spec, debug=debug)
+    # TVMScript's parser (the hand-written kernels are parsed during the export) keeps
+    # inspect.stack() records in reference cycles, and they hold every caller's frame: collected
+    # only when Python's cycle collector happens to run, a caller's locals stayed alive (the
+    # pipeline's untransposed UNet weights, 1 GB; a parity test's torch and sdcore models, until
+    # `pytest -m slow` ran out of 24 GB)
+    gc.collect()
+    return ir_mod, named_params
+
+
+def lift_weight_transforms(ir_mod, target, schedule: bool, spec) -> tuple[Any, dict[str, str]]:
+    """Move weight-only computations (the transposes of every nn.Linear weight) into
+    `<function>_transform_params`, run once when the weights are bound. -> (module, function -> its
+    transform). Not for `schedule=False`, the unchanged reference graph."""
+    from tvm import relax
+
+    if not schedule or target.kind.name not in ("llvm", "cuda"):
+        return ir_mod, {}
+    ir_mod = relax.transform.LiftTransformParams()(ir_mod)
+    names = {gv.name_hint for gv in ir_mod.get_global_vars()}
+    return ir_mod, {fn: fn + "_transform_params" for fn in spec if fn + "_transform_params" in names}
 
 
 def scheduling_passes(target) -> list:
@@ -282,19 +310,30 @@ def scheduling_passes(target) -> list:
 
 def relax_pipeline(target, schedule: bool = True):
     """The Relax pipeline for `target`: on llvm, TVM's CPU pipeline with sdcore's schedule rules
-    applied right after FuseTIR (TVM's own leaves every loop serial and unvectorized)."""
+    applied right after FuseTIR (TVM's own leaves every loop serial and unvectorized); on cuda,
+    TVM's CUDA pipeline with dlight's GPU rules applied kernel by kernel (sdcore/schedule/gpu.py)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.backend.cuda import pipeline as cuda
 
-    if not schedule or target.kind.name != "llvm":
+    if not schedule or target.kind.name not in ("llvm", "cuda"):
         return "default"
 
-    @tvm.transform.module_pass(opt_level=0, name="SdcoreCPUPipeline")
+    def passes():
+        if target.kind.name == "llvm":
+            return scheduling_passes(target) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+        from sdcore.schedule.gpu import schedule_cuda
+
+        legalize = cuda.legalize_passes(target)
+        # TVM's CUDA legalization ends with dlight.ApplyDefaultSchedule: sdcore's pass takes its place
+        assert legalize[-1].info.name == "ApplyDefaultSchedule", legalize[-1].info.name
+        return (cuda.library_dispatch_passes(target) + legalize[:-1] + [schedule_cuda()]
+                + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
+
+    @tvm.transform.module_pass(opt_level=0, name="SdcorePipeline")
     def _pipeline(mod, _ctx):
         with target:
-            return tvm.transform.Sequential(
-                scheduling_passes(target) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-            )(mod)
+            return tvm.transform.Sequential(passes())(mod)
 
     return _pipeline
 
@@ -302,8 +341,12 @@ def relax_pipeline(target, schedule: bool = True):
 def pipeline_id(target, schedule: bool = True) -> str:
     """Names the pipeline in the cache key; the schedule rules' source is part of it, so editing a
     rule invalidates the libraries built with the old one."""
-    if not schedule or target.kind.name != "llvm":
+    if not schedule:
         return "default-v1"
+    if target.kind.name != "llvm":
+        from sdcore.schedule import gpu
+
+        return "cuda-dlight-lift-" + hashlib.sha256(Path(gpu.__file__).read_bytes()).hexdigest()[:16]
     from sdcore import schedule
 
     h = hashlib.sha256()

@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
+
+# Whether the module being exported may call sdcore's hand-written CPU kernels (sdcore/schedule):
+# they are plain loops for the CPU, with no GPU thread bindings. compile.build sets it per target.
+_CPU_KERNELS = contextvars.ContextVar("sdcore_cpu_kernels", default=True)
+
+
+@contextlib.contextmanager
+def kernels_for(target_kind: str):
+    """While a module is exported for `target_kind` ("llvm", "cuda"): the CPU kernels only for llvm."""
+    token = _CPU_KERNELS.set(target_kind == "llvm")
+    try:
+        yield
+    finally:
+        _CPU_KERNELS.reset(token)
+
+
+def cpu_kernels() -> bool:
+    """True when the module being exported is for the CPU (the default outside compile.build)."""
+    return _CPU_KERNELS.get()
 
 
 def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causal: bool = False,
@@ -16,14 +38,14 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
 
     Non-causal float32 attention with static shapes (every UNet and VAE attention) is one fused
     kernel for the CPU (`sdcore.schedule.attention`): at 64x64 latents it never writes the
-    2 x 8 x 4096 x 4096 score matrix. A CUDA build needs its own kernel here (not written yet).
-    The rest (CLIP's causal 77 tokens, other dtypes) is the plain graph below.
+    2 x 8 x 4096 x 4096 score matrix. The rest (CLIP's causal 77 tokens, other dtypes, every CUDA
+    build) is the plain graph below, which TVM's dlight rules schedule for the GPU.
     """
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
     dtype = q.dtype
-    if not causal and dtype == "float32" and all(isinstance(x, int) for x in (b, n, m, c)):
+    if cpu_kernels() and not causal and dtype == "float32" and all(isinstance(x, int) for x in (b, n, m, c)):
         # One fused CPU kernel, no [B, H, N, M] score matrix and no permutes (sdcore/schedule/attention.py).
         from sdcore.schedule.attention import attention_kernel
 

@@ -45,7 +45,10 @@ class StableDiffusion:
     """A converted model directory, its networks compiled on first use for each shape."""
 
     def __init__(self, model_dir: str | Path | None = None, *, target: str = "llvm", cache_dir=None,
-                 low_memory: bool = False, threads: int | None = None):
+                 low_memory: bool = False, threads: int | None = None, dtype: str | None = None):
+        """`dtype`: the UNet's and text encoder's precision, "float32" or "float16"; None picks
+        float16 on cuda and float32 on the CPU. The VAE is float32 either way (diffusers'
+        force_upcast: SD's VAE overflows float16 at full size)."""
         from sdcore.compile import set_threads
         from sdcore.tokenizer import CLIPTokenizer
 
@@ -59,6 +62,9 @@ class StableDiffusion:
         self.model_dir = Path(model_dir)
         self.info = weights.read_model_info(self.model_dir)
         self.target_name = target
+        if dtype not in (None, "float32", "float16"):
+            raise SdcoreError(f"unknown dtype {dtype!r}: use 'float32' or 'float16'.", exit_code=2)
+        self.dtype = dtype
         self.cache_dir = cache_dir
         self.low_memory = low_memory
         self.tokenizer = CLIPTokenizer.from_dir(self.model_dir / "tokenizer")
@@ -90,8 +96,20 @@ class StableDiffusion:
         if self._target is None:
             from sdcore.compile import make_target
 
-            self._target = make_target(self.target_name)
+            target = make_target(self.target_name)
+            if self.dtype == "float16" and target.kind.name != "cuda":
+                raise SdcoreError("float16 needs the cuda target: sdcore's CPU kernels are float32 (this "
+                                  "kind of CPU has no fast half-precision arithmetic).", exit_code=2)
+            self._target = target
         return self._target
+
+    def component_dtype(self, component: str) -> str:
+        """The precision `component` is built and loaded in (see __init__'s `dtype`)."""
+        if component == "vae":
+            return "float32"
+        if self.dtype is not None:
+            return self.dtype
+        return "float16" if self.target.kind.name == "cuda" else "float32"
 
     def _weights(self, component: str) -> dict:
         """The component's weights as device arrays, loaded once and shared by every compiled shape."""
@@ -104,7 +122,7 @@ class StableDiffusion:
             # each array goes to the device as it is read (the NumPy copy then freed): loading the
             # whole file first held the UNet's weights twice, 3.4 GB more at the peak of a txt2img
             _config, self._params[component] = weights.load_component(
-                self.model_dir, component, convert=lambda array: tvm.runtime.tensor(array, device))
+                self.model_dir, component, self.component_dtype(component), convert=lambda array: tvm.runtime.tensor(array, device))
         return self._params[component]
 
     def release(self, component: str) -> None:
@@ -142,7 +160,8 @@ class StableDiffusion:
         config = self.configs["text_encoder"]
         return self._network(
             "text_encoder", (clip_skip,),
-            lambda: weights.build_module("text_encoder", config, clip_skip=clip_skip),
+            lambda: weights.build_module("text_encoder", config, clip_skip=clip_skip,
+                                         dtype=self.component_dtype("text_encoder")),
             lambda m: clip_spec(m.config, batch=1, seq_len=self.tokenizer.model_max_length),
             f"text_encoder-skip{clip_skip or 0}")
 
@@ -165,8 +184,9 @@ class StableDiffusion:
         tag = f"-{tome.tag()}" if tome is not None else ""
         return self._network(
             "unet", key,
-            lambda: weights.build_module("unet", config, tome=tome),
-            lambda m: unet_spec(m.config, batch=batch, height=h, width=w, seq_len=seq_len, tome=tome),
+            lambda: weights.build_module("unet", config, tome=tome, dtype=self.component_dtype("unet")),
+            lambda m: unet_spec(m.config, batch=batch, height=h, width=w, seq_len=seq_len, tome=tome,
+                                dtype=m.dtype),
             f"unet-b{batch}-{h}x{w}-s{seq_len}{tag}")
 
     def vae(self, function: str, height: int, width: int):

@@ -57,6 +57,8 @@ BAD = {
     "batch size zero": (["txt2img", "--batch-size", "0"], 2, "batch size"),
     "seed negative": (["txt2img", "--seed", "-5"], 2, "seed"),
     "threads zero": (["txt2img", "--threads", "0"], 2, "threads"),
+    "float16 on the cpu": (["txt2img", "--dtype", "float16"], 2, "float16 needs the cuda target"),
+    "unknown dtype": (["txt2img", "--dtype", "bfloat16"], 2, "invalid choice"),
     "clip skip too large": (["txt2img", "--clip-skip", "9"], 2, "clip skip"),
     "not a png": (["txt2img", "--output", "{tmp}/x.jpg"], 2, ".png"),
     "missing output folder": (["txt2img", "--output", "{tmp}/no/x.png"], 2, "does not exist"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from sdcore.ops import attention
+from sdcore.ops import attention, cpu_kernels
 from sdcore.schedule.groupnorm import LANES as GROUP_NORM_LANES
 from sdcore.schedule.groupnorm import group_norm_kernel
 
@@ -39,12 +39,13 @@ class GroupNorm(nn.Module):
 
     def forward(self, x: nn.Tensor, silu: bool = False) -> nn.Tensor:
         """The norm, then SiLU when `silu`: float32 with static shapes and rows a multiple of 16
-        wide is one fused CPU kernel (sdcore/schedule/groupnorm.py), the rest this graph."""
+        wide is one fused CPU kernel (sdcore/schedule/groupnorm.py) on the CPU, the rest this graph."""
         b, c, h, w = x.shape
         g = self.num_groups
         n = (c // g) * h * w
         dtype = x.dtype
-        if dtype == "float32" and all(isinstance(v, int) for v in (b, c, h, w)) and w % GROUP_NORM_LANES == 0:
+        if (cpu_kernels() and dtype == "float32" and all(isinstance(v, int) for v in (b, c, h, w))
+                and w % GROUP_NORM_LANES == 0):
             func = group_norm_kernel(b, c, h, w, g, self.eps, silu)
             return op.tensor_ir_op(func, "group_norm", [x, self.weight, self.bias],
                                    out=nn.Tensor.placeholder((b, c, h, w), "float32"))

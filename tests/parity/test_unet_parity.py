@@ -81,13 +81,15 @@ def _reference(kwargs: dict, seed: int):
 
 
 def _run_parity(label: str, kwargs: dict, batch: int, height: int, width: int, seq_len: int, seed: int,
-                cache_dir) -> list:
+                cache_dir, dtype: str = "float32") -> list:
+    """Layer table of sdcore (in `dtype`) against diffusers in float32. float16 is built with TVM's
+    default pipeline: sdcore's CPU schedule rules are float32 only (float16 is for cuda)."""
     from sdcore.unet.model import UNet2DConditionModel, parity_layer_names, unet_spec
 
     ref = _reference(kwargs, seed)
     config = UNetConfig.from_dict(json.loads(json.dumps(dict(ref.config))))  # as read from config.json
-    model = UNet2DConditionModel(config)
-    weights = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    model = UNet2DConditionModel(config, dtype=dtype)
+    weights = {k: v.detach().numpy().astype(dtype) for k, v in ref.state_dict().items()}
     ours = {name for name, _ in model.named_parameters()}
     assert ours == set(weights), f"names differ: {sorted(ours ^ set(weights))[:10]}"
 
@@ -98,8 +100,9 @@ def _run_parity(label: str, kwargs: dict, batch: int, height: int, width: int, s
 
     names = parity_layer_names(config)
     start = time.perf_counter()
-    compiled, n_out = build_tapped(model, unet_spec(config, batch, height, width, seq_len), names,
-                                   name=f"unet-parity-{label}", cache_dir=cache_dir, use_cache=False)
+    compiled, n_out = build_tapped(model, unet_spec(config, batch, height, width, seq_len, dtype=dtype), names,
+                                   name=f"unet-parity-{label}", cache_dir=cache_dir, use_cache=False,
+                                   schedule=dtype == "float32")
     compile_s = time.perf_counter() - start
     compiled.set_params(weights)
     start = time.perf_counter()
@@ -108,9 +111,9 @@ def _run_parity(label: str, kwargs: dict, batch: int, height: int, width: int, s
 
     result, taps = reference_taps(ref, names, lambda: ref(torch.from_numpy(sample), torch.from_numpy(timestep),
                                                           torch.from_numpy(text)).sample)
-    rows = [compare(name, out, taps[name]) for name, out in zip(names, outputs[n_out:])]
-    rows.append(compare("noise prediction", outputs[0], result.numpy()))
-    print(format_table(rows, title=f"UNet {label}: {batch}x{config.in_channels}x{height}x{width}, "
+    rows = [compare(name, out, taps[name], dtype) for name, out in zip(names, outputs[n_out:])]
+    rows.append(compare("noise prediction", outputs[0], result.numpy(), dtype))
+    print(format_table(rows, title=f"UNet {label} {dtype}: {batch}x{config.in_channels}x{height}x{width}, "
                                    f"compile {compile_s:.1f} s, forward {run_s:.2f} s"))
     return rows
 
@@ -119,6 +122,16 @@ def _run_parity(label: str, kwargs: dict, batch: int, height: int, width: int, s
 def test_unet_parity_small(label, tmp_path):
     kwargs, batch, height, width, seq_len = SMALL_CONFIGS[label]
     rows = _run_parity(label, kwargs, batch, height, width, seq_len, seed=0, cache_dir=tmp_path)
+    bad = [r.name for r in rows if not r.ok]
+    assert not bad, f"layers off the reference: {bad}"
+
+
+@pytest.mark.parametrize("label", list(SMALL_CONFIGS))
+def test_unet_float16_small(label, tmp_path):
+    """The float16 graph (what a cuda build runs) against diffusers in float32, within
+    sdcore.parity.TOLERANCES["float16"]; sd2-style covers upcast attention."""
+    kwargs, batch, height, width, seq_len = SMALL_CONFIGS[label]
+    rows = _run_parity(label, kwargs, batch, height, width, seq_len, seed=0, cache_dir=tmp_path, dtype="float16")
     bad = [r.name for r in rows if not r.ok]
     assert not bad, f"layers off the reference: {bad}"
 
