@@ -116,8 +116,10 @@ class Downsample2D(nn.Module):
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
         if self.padding == 0:
-            # diffusers pads right and bottom by one when the conv itself has no padding
-            hidden_states = op.pad(hidden_states, [0, 0, 0, 0, 0, 1, 0, 1])
+            # diffusers pads right and bottom by one when the conv itself has no padding: here the
+            # conv's own (top, left, bottom, right) padding, as in sdcore.vae.blocks.Downsample2D
+            conv = self.conv
+            return op.conv2d(hidden_states, conv.weight, conv.bias, stride=2, padding=(0, 0, 1, 1))
         return self.conv(hidden_states)
 
 

@@ -89,15 +89,17 @@ class Downsample2D(nn.Module):
 
     The encoder builds it with padding=0, for which diffusers pads (0, 1, 0, 1) explicitly, as the
     original LDM code did: even sizes are halved, and output pixel (i, j) sees input rows 2i..2i+2.
+    Here the padding is the conv's own (top, left, bottom, right) = (0, 0, 1, 1), not a pad op:
+    a separate pad was fused into the previous conv's epilogue, which dlight's GPU Matmul rule
+    cannot schedule (its fallback needed 256 KB of shared memory, over the 48 KB limit).
     """
 
     def __init__(self, channels: int, dtype: str):
         self.conv = nn.Conv2D(channels, channels, 3, stride=2, padding=0, dtype=dtype)
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
-        # pad widths per axis (before, after) for [B, C, H, W]: one zero row below, one zero column right.
-        hidden_states = op.pad(hidden_states, [0, 0, 0, 0, 0, 1, 0, 1])
-        return self.conv(hidden_states)
+        conv = self.conv
+        return op.conv2d(hidden_states, conv.weight, conv.bias, stride=2, padding=(0, 0, 1, 1))
 
 
 class Upsample2D(nn.Module):
