@@ -253,6 +253,8 @@ def build(
 
     ir_mod, transforms = lift_weight_transforms(ir_mod, target, schedule, spec)
     if lib is None:
+        if target.kind.name == "cuda":
+            _check_cuda_compiler()
         start = time.perf_counter()
         executable = relax.build(ir_mod, target=target, relax_pipeline=relax_pipeline(target, schedule))
         seconds = time.perf_counter() - start
@@ -267,6 +269,22 @@ def build(
     input_dtypes = {fn: [getattr(arg, "dtype", None) for arg in args.values()] for fn, args in spec.items()}
     return CompiledModel(vm, device, param_names, param_shapes, param_dtypes, transforms, functions=list(spec),
                          input_dtypes=input_dtypes)
+
+
+def _check_cuda_compiler() -> None:
+    """TVM compiles the generated CUDA with NVRTC (the cuda-bindings package) unless
+    TVM_CUDA_COMPILE_MODE=nvcc: without cuda-bindings, nvcc is used when it is on the PATH."""
+    import shutil
+
+    if os.environ.get("TVM_CUDA_COMPILE_MODE"):
+        return
+    try:
+        import cuda.bindings.nvrtc  # noqa: F401
+    except ImportError:
+        if shutil.which("nvcc") is None:
+            raise SdcoreError("building for cuda needs NVRTC (pip install cuda-bindings) or nvcc on the PATH.") from None
+        logger.info("cuda-bindings is not installed: compiling CUDA kernels with nvcc")
+        os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
 
 
 def export(module, spec: dict[str, dict[str, Any]], target, *, debug: bool = False):
