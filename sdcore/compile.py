@@ -292,7 +292,7 @@ def export(module, spec: dict[str, dict[str, Any]], target, *, debug: bool = Fal
     kernels (sdcore/schedule) go into llvm exports only; a CUDA export is the plain graph."""
     from sdcore.ops import kernels_for
 
-    with kernels_for(target.kind.name):
+    with kernels_for(target):
         ir_mod, named_params = module.export_tvm(spec=spec, debug=debug)
     # TVMScript's parser (the hand-written kernels are parsed during the export) keeps
     # inspect.stack() records in reference cycles, and they hold every caller's frame: collected

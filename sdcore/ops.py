@@ -10,13 +10,21 @@ from tvm.relax.frontend.nn import op
 
 # Whether the module being exported may call sdcore's hand-written CPU kernels (sdcore/schedule):
 # they are plain loops for the CPU, with no GPU thread bindings. compile.build sets it per target.
-_CPU_KERNELS = contextvars.ContextVar("sdcore_cpu_kernels", default=True)
+# Its vector width sizes their register tiles.
+_CPU_KERNELS = contextvars.ContextVar("sdcore_cpu_kernels", default=(True, 16))
 
 
 @contextlib.contextmanager
-def kernels_for(target_kind: str):
-    """While a module is exported for `target_kind` ("llvm", "cuda"): the CPU kernels only for llvm."""
-    token = _CPU_KERNELS.set(target_kind == "llvm")
+def kernels_for(target):
+    """While a module is exported for `target` (a TVM Target): the CPU kernels only for llvm, tiled
+    for its vector width."""
+    if target.kind.name == "llvm":
+        from sdcore.schedule.cpu import vector_lanes
+
+        value = (True, vector_lanes(target))
+    else:
+        value = (False, 0)
+    token = _CPU_KERNELS.set(value)
     try:
         yield
     finally:
@@ -25,7 +33,12 @@ def kernels_for(target_kind: str):
 
 def cpu_kernels() -> bool:
     """True when the module being exported is for the CPU (the default outside compile.build)."""
-    return _CPU_KERNELS.get()
+    return _CPU_KERNELS.get()[0]
+
+
+def cpu_vector_lanes() -> int:
+    """float32 lanes of the export target's vector registers (16 outside compile.build)."""
+    return _CPU_KERNELS.get()[1]
 
 
 def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causal: bool = False,
@@ -49,7 +62,7 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
         # One fused CPU kernel, no [B, H, N, M] score matrix and no permutes (sdcore/schedule/attention.py).
         from sdcore.schedule.attention import attention_kernel
 
-        func = attention_kernel(b, n, m, num_heads, d, 1.0 / d**0.5)
+        func = attention_kernel(b, n, m, num_heads, d, 1.0 / d**0.5, cpu_vector_lanes())
         k_heads = op.permute_dims(op.reshape(k, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]
         v_heads = op.permute_dims(op.reshape(v, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]
         return op.tensor_ir_op(func, "fused_attention", [q, k_heads, v_heads],

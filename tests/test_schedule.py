@@ -122,6 +122,29 @@ def test_attention_matches_numpy(tmp_path, n, m, heads, d):
     _close(unscheduled, ref)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("n,m,heads,d", [(37, 77, 2, 40), (16, 30, 1, 80)])
+def test_attention_kernel_for_each_vector_width(n, m, heads, d, lanes):
+    """The kernel's tiles for AVX2 (8 lanes: 16 queries x 6 keys) and AVX-512 (16: 32 x 12), each
+    built on its own whatever this machine has, against numpy."""
+    import tvm
+
+    from sdcore.schedule.attention import attention_kernel
+
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, n, heads * d)).astype("float32")
+    k = rng.standard_normal((2, m, heads * d)).astype("float32")
+    v = rng.standard_normal((2, m, heads * d)).astype("float32")
+    k_heads = np.ascontiguousarray(k.reshape(2, m, heads, d).transpose(0, 2, 1, 3))
+    v_heads = np.ascontiguousarray(v.reshape(2, m, heads, d).transpose(0, 2, 1, 3))
+    func = attention_kernel(2, n, m, heads, d, 1.0 / d**0.5, lanes).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros_like(q), dev)
+    lib["main"](*(tvm.runtime.tensor(a, dev) for a in (q, k_heads, v_heads)), out)
+    _close(out.numpy(), _attention_reference(q, k, v, heads))
+
+
 def test_causal_attention_matches_numpy(tmp_path):
     rng = np.random.default_rng(4)
     q, k, v = (rng.standard_normal((2, 77, 32)).astype("float32") for _ in range(3))

@@ -254,6 +254,14 @@ def _child(args) -> int:
 
 def bench_txt2img(preset_name: str, size: int, steps: int, threads: int, cache_dir: str, log) -> dict:
     """{side: {"seconds", "peak_rss_mb"} or {"error": text}} for sdcore and diffusers."""
+    return run_txt2img_children(__file__, preset_name, size, log,
+                                ["--steps", str(steps), "--threads", str(threads), "--cache-dir", cache_dir])
+
+
+def run_txt2img_children(script: str, preset_name: str, size: int, log, extra_args: list[str]) -> dict:
+    """Write a random-weight checkpoint of `preset_name` (diffusers folder, and converted for
+    sdcore), then run `script --child SIDE --model-dir DIR --size SIZE extra_args...` for diffusers
+    and for sdcore, each in its own process: {side: the JSON of its RESULT line, or {"error": text}}."""
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         src, model = Path(tmp) / "diffusers", Path(tmp) / "sdcore"
@@ -263,8 +271,8 @@ def bench_txt2img(preset_name: str, size: int, steps: int, threads: int, cache_d
             if done.returncode:
                 return {s: {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]} for s in ("sdcore", "diffusers")}
         for side, model_dir in (("diffusers", src), ("sdcore", model)):
-            cmd = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir), "--size", str(size),
-                   "--steps", str(steps), "--threads", str(threads), "--cache-dir", cache_dir]
+            cmd = [sys.executable, script, "--child", side, "--model-dir", str(model_dir), "--size", str(size),
+                   *extra_args]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if done.returncode or not lines:

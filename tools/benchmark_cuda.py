@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.benchmark import CONFIGS, _state, write_report  # noqa: E402
+from tools.benchmark import CONFIGS, _state, run_txt2img_children, write_report  # noqa: E402
 
 ALL_ROWS = ("unet", "vae", "text", "txt2img", "compile")
 
@@ -251,25 +250,8 @@ def _child(args) -> int:
 
 
 def bench_txt2img(preset_name: str, size: int, steps: int, cache_dir: str, log) -> dict:
-    res = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        src, model = Path(tmp) / "diffusers", Path(tmp) / "sdcore"
-        for cmd in ([sys.executable, str(ROOT / "tools" / "make_random_checkpoint.py"), str(src), "--preset", preset_name],
-                    [sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(src), "--output", str(model)]):
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                return {s: {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]} for s in ("sdcore", "diffusers")}
-        for side, model_dir in (("diffusers", src), ("sdcore", model)):
-            cmd = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir), "--size", str(size),
-                   "--steps", str(steps), "--cache-dir", cache_dir]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-            if done.returncode or not lines:
-                res[side] = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-            else:
-                res[side] = json.loads(lines[-1][len("RESULT "):])
-            log(f"[{size}px] txt2img {side}: {res[side]}")
-    return res
+    """{side: {"first", "seconds", "peak_mb"} or {"error": text}} for sdcore and diffusers."""
+    return run_txt2img_children(__file__, preset_name, size, log, ["--steps", str(steps), "--cache-dir", cache_dir])
 
 
 # ----------------------------------------------------------------------------------------------

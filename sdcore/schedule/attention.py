@@ -6,7 +6,7 @@ and once more for p·v. Here every parallel task takes one (batch, head, block o
 and keeps its block's scores transposed, keys x queries (4096 x 32 floats = 512 KiB, in the per-core
 L2), so the BR queries are the vector lanes throughout:
 
-1. scores: register tiles of KEYS = 12 keys x 32 queries; per head channel one vector load of the
+1. scores: register tiles of KEYS = 12 keys x 32 queries (AVX2: 6 x 16, see block_sizes); per head channel one vector load of the
    (scaled, transposed) queries and 12 key values broadcast into the FMAs. Keys past the last are
    padded up to a multiple of KEYS (their index clamped) and masked to -3e38.
 2. softmax down the key axis, per query lane: vector max, vector exp (fastmath's polynomial), vector
@@ -34,23 +34,28 @@ from tvm.script import tirx as T
 
 from .fastmath import fast_exp
 
-BR = 32  # queries per task: two AVX-512 vectors of float32
-KEYS = 12  # keys per register tile of the scores (12 x 2 accumulator vectors)
+def block_sizes(lanes: int) -> tuple[int, int]:
+    """(BR queries per task: two vectors, KEYS keys per register tile of the scores): 32 and 12 on
+    AVX-512 (12 x 2 of its 32 registers accumulate), 16 and 6 on AVX2 (6 x 2 of 16). With AVX-512's
+    sizes on AVX2 a tile was 48 accumulators in 16 registers, spilled."""
+    return 2 * lanes, (12 if lanes >= 16 else 6)
 
 
-def _tile(d: int) -> int:
-    """Head channels per register tile of p·v: the largest divisor of d up to 12."""
-    return max(t for t in range(1, 13) if d % t == 0)
+def _tile(d: int, most: int) -> int:
+    """Head channels per register tile of p·v: the largest divisor of d up to `most`."""
+    return max(t for t in range(1, most + 1) if d % t == 0)
 
 
 @functools.lru_cache(maxsize=None)
-def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float) -> tirx.PrimFunc:
-    """A PrimFunc (q [b, n, heads*d], k [b, heads, m, d], v [b, heads, m, d]) -> out [b, n, heads*d]."""
+def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, lanes: int = 16) -> tirx.PrimFunc:
+    """A PrimFunc (q [b, n, heads*d], k [b, heads, m, d], v [b, heads, m, d]) -> out [b, n, heads*d],
+    tiled for `lanes` float32 lanes per vector register (16: AVX-512, 8: AVX2)."""
+    BR, KEYS = block_sizes(lanes)  # noqa: N806 (constants of this kernel)
     c = heads * d
     mp = -(-m // KEYS) * KEYS
     blocks = -(-n // BR)
     tasks = b * heads * blocks
-    dt = _tile(d)
+    dt = _tile(d, KEYS)
     neg = T.float32(-3.0e38)
     scale_c = T.float32(scale)
 

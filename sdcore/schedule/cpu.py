@@ -33,14 +33,29 @@ from tvm.target import Target
 VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; 8 on AVX2 (set from the target)
 
 
-def _vector_lanes(target: Target) -> int:
-    from tvm.target.codegen import llvm_get_vector_width
+def vector_lanes(target: Target) -> int:
+    """float32 lanes of the target's vector registers: 16 with AVX-512, 8 with AVX/AVX2, else 4.
+
+    From the target's CPU features; not TVM's llvm_get_vector_width, which answers 512 bits for
+    every x86 CPU in TVM 0.27 (AVX2-only Zen 3 included): with 16-lane tiles on AVX2 every
+    micro-kernel spilled, and SD1.5's UNet step at 512x512 took 2.35x PyTorch's time there."""
+    from tvm.target.codegen import target_has_features
 
     try:
-        bits = llvm_get_vector_width(target)
-    except Exception:  # noqa: BLE001 - unknown CPU: assume AVX2
-        bits = 256
-    return max(4, (bits if bits > 0 else 256) // 32)
+        if target_has_features("avx512f", target):
+            return 16
+        if target_has_features("avx", target):
+            return 8
+    except Exception:  # noqa: BLE001 - not an x86 target
+        pass
+    return 4
+
+
+def _accumulators(lanes: int) -> int:
+    """Vector registers a micro-kernel may keep as accumulators: 24 of AVX-512's 32, 12 of AVX2's
+    16 (the rest hold the loaded inputs and broadcast weights). Tiles sized for 32 registers spill
+    on AVX2."""
+    return 24 if lanes >= 16 else 12
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
@@ -141,7 +156,7 @@ def matmul_tiles(m: int, n: int, lanes: int, k: int | None = None) -> tuple[int,
     for nr in options:
         vw = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if nr % v == 0)
         vecs = -(-nr // lanes) if vw == lanes else nr // vw
-        mr_max = max(1, min(16, 24 // vecs))
+        mr_max = max(1, min(16, _accumulators(lanes) // vecs))
         mr = _pick(range(mr_max, 0, -1), m, 1)
         score = (mr * vecs, nr)
         if best is None or score > best[0]:
@@ -211,7 +226,7 @@ class Matmul(dlight.ScheduleRule):
 
         name = stmt.name_hint
         _inline_producers(sch, keep={name})
-        nr, vw, mr, mc_tiles = matmul_tiles(m, n, _vector_lanes(target), k_len)
+        nr, vw, mr, mc_tiles = matmul_tiles(m, n, vector_lanes(target), k_len)
         # A weight shared by every row (a Linear's [K, N] after the lifted transpose) is copied, per
         # parallel task, into a contiguous K x NR panel. Read in place, each k step of a column
         # panel is N floats (a page or more for N >= 1280) from the last: at N = 5120 or 10240 the
@@ -298,7 +313,7 @@ class Generic(dlight.ScheduleRule):
         if sch is not None:
             return sch
         sch = s_tir.Schedule(func)
-        lanes = _vector_lanes(target)
+        lanes = vector_lanes(target)
         if normalize_prim_func(sch) is None:
             _parallel_outermost(sch)
             return sch
@@ -389,7 +404,7 @@ class Conv2d(dlight.ScheduleRule):
             return None
         _, f, h, w = (int(it.dom.extent) for it in stmt.iter_vars[:4])
         window = [int(it.dom.extent) for it in stmt.iter_vars[5:]]
-        lanes = _vector_lanes(target)
+        lanes = vector_lanes(target)
         name = stmt.name_hint
         # a 1x1 window reads its input directly: the (zero-width) padding copy is inlined
         pad = stmt.reads[0].source.name if window != [1, 1] else None
@@ -413,7 +428,7 @@ class Conv2d(dlight.ScheduleRule):
             # 112 -> 135 GFLOP/s, 512->512 at 128x128 139 -> 161, UNet 320->320 at 64x64 143 -> 164
             xr, yr = lanes, _pick([4, 2, 1], h, 1)
             vecs = yr
-            fr = _pick([c for c in (8, 4, 2, 1) if c * vecs <= 16], f, 1)
+            fr = _pick([c for c in (8, 4, 2, 1) if c * vecs <= 2 * _accumulators(lanes) // 3], f, 1)
         else:
             if w % (2 * lanes) == 0:
                 xr = 2 * lanes
@@ -423,8 +438,8 @@ class Conv2d(dlight.ScheduleRule):
                 xr = w
             yr = _pick([r for r in (4, 2, 1) if r * xr <= 2 * lanes], h, 1)
             vecs = yr * -(-xr // lanes)
-            fr = _pick([c for c in (12, 8, 6, 5, 4, 3, 2, 1) if c * vecs <= 24], f, 1)
-            if fr * vecs <= 12 and xr == 2 * lanes and w % (4 * lanes) == 0:
+            fr = _pick([c for c in (12, 8, 6, 5, 4, 3, 2, 1) if c * vecs <= _accumulators(lanes)], f, 1)
+            if fr * vecs <= _accumulators(lanes) // 2 and xr == 2 * lanes and w % (4 * lanes) == 0:
                 xr, vecs = 4 * lanes, 2 * vecs
 
         n_, f_, y_, x_, *red = sch.get_loops(block)
