@@ -48,7 +48,11 @@ def _load_reference(torch, module, state: dict, strip_text_model: bool = False):
     return module.eval()
 
 
-def check_text_encoder(model_dir: Path, cache_dir, seed: int) -> list:
+def _cast(state: dict, dtype: str) -> dict:
+    return {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in state.items()}
+
+
+def check_text_encoder(model_dir: Path, cache_dir, seed: int, target="llvm", dtype: str = "float32") -> list:
     torch, _diffusers, transformers = _references()
     from sdcore.clip.model import CLIPTextModel, clip_spec, parity_layer_names
     from sdcore.tokenizer import CLIPTokenizer
@@ -65,17 +69,18 @@ def check_text_encoder(model_dir: Path, cache_dir, seed: int) -> list:
     ids = tokenizer(["a photograph of an astronaut riding a horse", ""]).astype(np.int32)  # [2, 77]
 
     names = parity_layer_names(config)
-    compiled, n_out = build_tapped(CLIPTextModel(config), clip_spec(config, *ids.shape), names,
-                                   name="parity-text_encoder", cache_dir=cache_dir)
-    compiled.set_params(state)
+    compiled, n_out = build_tapped(CLIPTextModel(config, dtype=dtype), clip_spec(config, *ids.shape), names,
+                                   name="parity-text_encoder", cache_dir=cache_dir, target=target)
+    compiled.set_params(_cast(state, dtype))
     outs = compiled.forward(ids)
     result, taps = reference_taps(holder, names, lambda: ref(input_ids=torch.from_numpy(ids.astype(np.int64))))
-    rows = [compare(n, o, taps[n]) for n, o in zip(names, outs[n_out:])]
-    rows.append(compare("last_hidden_state", outs[0], result.last_hidden_state.numpy()))
+    rows = [compare(n, o, taps[n], dtype) for n, o in zip(names, outs[n_out:])]
+    rows.append(compare("last_hidden_state", outs[0], result.last_hidden_state.numpy(), dtype))
     return rows
 
 
-def check_unet(model_dir: Path, cache_dir, seed: int, height: int, width: int, batch: int) -> list:
+def check_unet(model_dir: Path, cache_dir, seed: int, height: int, width: int, batch: int, target="llvm",
+               dtype: str = "float32") -> list:
     torch, diffusers, _transformers = _references()
     from sdcore.unet.model import UNet2DConditionModel, parity_layer_names, unet_spec
 
@@ -89,18 +94,20 @@ def check_unet(model_dir: Path, cache_dir, seed: int, height: int, width: int, b
     text = rng.standard_normal((batch, 77, config.cross_attention_dims[0]), dtype=np.float32)
 
     names = parity_layer_names(config)
-    compiled, n_out = build_tapped(UNet2DConditionModel(config), unet_spec(config, batch, h, w, 77), names,
-                                   name=f"parity-unet-{h}x{w}", cache_dir=cache_dir)
-    compiled.set_params(state)
+    compiled, n_out = build_tapped(UNet2DConditionModel(config, dtype=dtype),
+                                   unet_spec(config, batch, h, w, 77, dtype=dtype), names,
+                                   name=f"parity-unet-{h}x{w}", cache_dir=cache_dir, target=target)
+    compiled.set_params(_cast(state, dtype))
     outs = compiled.forward(sample, timestep, text)
     result, taps = reference_taps(ref, names, lambda: ref(torch.from_numpy(sample), torch.from_numpy(timestep),
                                                           torch.from_numpy(text)).sample)
-    rows = [compare(n, o, taps[n]) for n, o in zip(names, outs[n_out:])]
-    rows.append(compare("noise prediction", outs[0], result.numpy()))
+    rows = [compare(n, o, taps[n], dtype) for n, o in zip(names, outs[n_out:])]
+    rows.append(compare("noise prediction", outs[0], result.numpy(), dtype))
     return rows
 
 
-def check_vae(model_dir: Path, cache_dir, seed: int, height: int, width: int) -> list:
+def check_vae(model_dir: Path, cache_dir, seed: int, height: int, width: int, target="llvm") -> list:
+    """Encode and decode, float32 on every target (as the pipeline runs the VAE)."""
     torch, diffusers, _transformers = _references()
     from sdcore.vae.model import AutoencoderKL, parity_layer_names, vae_spec
 
@@ -115,7 +122,8 @@ def check_vae(model_dir: Path, cache_dir, seed: int, height: int, width: int) ->
         names = parity_layer_names(config, functions=(function,))
         spec = vae_spec(config, 1, height, width, functions=(function,))
         compiled, n_out = build_tapped(model, spec, names, function=function,
-                                       name=f"parity-vae-{function}-{height}x{width}", cache_dir=cache_dir)
+                                       name=f"parity-vae-{function}-{height}x{width}", cache_dir=cache_dir,
+                                       target=target)
         compiled.set_params({n: state[n] for n in compiled.param_names})
         if function == "encode":
             outs = compiled.encode(image)
@@ -141,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with guidance)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--cache-dir", type=Path, default=None, help="compile cache (default ~/.cache/sdcore)")
+    parser.add_argument("--target", default="llvm", choices=["llvm", "cuda", "auto"],
+                        help="where sdcore runs (the reference runs in float32 on the CPU)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16"],
+                        help="UNet and text encoder precision (default: float16 on cuda, float32 on the CPU; "
+                             "float16 is scored with the float16 thresholds)")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -166,16 +179,24 @@ def _run(args) -> int:
     if not 1 <= args.batch <= 16:
         raise SdcoreError(f"--batch must be between 1 and 16, got {args.batch}.", exit_code=2)
 
+    from sdcore.compile import make_target
+
+    target = make_target(args.target)
+    dtype = args.dtype or ("float16" if target.kind.name == "cuda" else "float32")
+    if dtype == "float16" and target.kind.name != "cuda":
+        raise SdcoreError("float16 needs --target cuda: sdcore's CPU kernels are float32.", exit_code=2)
     all_ok = True
     for component in components:
         start = time.perf_counter()
         if component == "text_encoder":
-            rows, what = check_text_encoder(model_dir, args.cache_dir, args.seed), "2 prompts x 77 tokens"
+            rows = check_text_encoder(model_dir, args.cache_dir, args.seed, target, dtype)
+            what = f"2 prompts x 77 tokens, {dtype}"
         elif component == "unet":
-            rows = check_unet(model_dir, args.cache_dir, args.seed, height, width, args.batch)
-            what = f"batch {args.batch}, {height // 8}x{width // 8} latents"
+            rows = check_unet(model_dir, args.cache_dir, args.seed, height, width, args.batch, target, dtype)
+            what = f"batch {args.batch}, {height // 8}x{width // 8} latents, {dtype}"
         else:
-            rows, what = check_vae(model_dir, args.cache_dir, args.seed, height, width), f"{width}x{height}"
+            rows = check_vae(model_dir, args.cache_dir, args.seed, height, width, target)
+            what = f"{width}x{height}, float32"
         bad = [r.name for r in rows if not r.ok]
         all_ok &= not bad
         print(format_table(rows, title=f"{component} ({what}; {time.perf_counter() - start:.0f} s): "

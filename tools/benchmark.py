@@ -52,17 +52,23 @@ def _threads(n: int | None) -> int:
     return n or len(os.sched_getaffinity(0))
 
 
-def _median_alternating(fn_a, fn_b, runs: int) -> tuple[float, float]:
-    """Median seconds of fn_a and fn_b, called alternately after one warm-up call each."""
-    fn_a()
-    fn_b()
+def _median_alternating(fn_a, fn_b, runs: int, sync=None, warmups: int = 1) -> tuple[float, float]:
+    """Median seconds of fn_a and fn_b, called alternately after `warmups` calls each; `sync()`
+    (a device synchronization) ends every timed call when given."""
+    sync = sync or (lambda: None)
+    for _ in range(warmups):
+        fn_a()
+        fn_b()
+        sync()
     ta, tb = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
         fn_a()
+        sync()
         ta.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         fn_b()
+        sync()
         tb.append(time.perf_counter() - t0)
     return statistics.median(ta), statistics.median(tb)
 
@@ -317,21 +323,24 @@ def format_table(config: str, results: dict, compile_res: dict | None, threads: 
                     lines.append(f"| UNet step, ToMe {ratio:g} (vs diffusers+tomesd) | {size}x{size} | {a * 1e3:.0f} ms | "
                                  f"{b * 1e3:.0f} ms | {_ratio(a, b)} |")
         if "txt2img" in res:
-            s, d = res["txt2img"]["sdcore"], res["txt2img"]["diffusers"]
-            label = f"txt2img, {steps} steps (warm)"
-            if "error" in s or "error" in d:
-                why = "; ".join(f"{k}: {v['error']}" for k, v in (("sdcore", s), ("diffusers", d)) if "error" in v)
-                lines.append(f"| {label} | {size}x{size} | unavailable | | {why} |")
-            else:
-                lines.append(f"| {label} | {size}x{size} | {s['seconds']:.1f} s | {d['seconds']:.1f} s | "
-                             f"{_ratio(s['seconds'], d['seconds'])} |")
-                lines.append(f"| peak resident memory, txt2img | {size}x{size} | {s['peak_rss_mb']:.0f} MB | "
-                             f"{d['peak_rss_mb']:.0f} MB | {_ratio(s['peak_rss_mb'], d['peak_rss_mb'])} |")
+            for name, a, b, ratio in txt2img_cells(res["txt2img"], f"txt2img, {steps} steps (warm)",
+                                                   "peak_rss_mb", "peak resident memory, txt2img"):
+                lines.append(f"| {name} | {size}x{size} | {a} | {b} | {ratio} |")
     if compile_res:
         size = compile_res["size"]
         lines.append(f"| compile, cold (UNet+VAE decode+text) | {size}x{size} | {compile_res['cold']:.0f} s | | |")
         lines.append(f"| start, warm cache (same three) | {size}x{size} | {compile_res['warm']:.1f} s | | |")
     return "\n".join(lines) + "\n"
+
+
+def txt2img_cells(res: dict, label: str, memory_key: str, memory_label: str) -> list[tuple[str, str, str, str]]:
+    """(row, sdcore, PyTorch, ratio) cells of the txt2img time and memory rows of run_txt2img_children's result."""
+    s, d = res["sdcore"], res["diffusers"]
+    if "error" in s or "error" in d:
+        why = "; ".join(f"{k}: {v['error']}" for k, v in (("sdcore", s), ("diffusers", d)) if "error" in v)
+        return [(label, "unavailable", "", why)]
+    return [(label, f"{s['seconds']:.2f} s", f"{d['seconds']:.2f} s", _ratio(s["seconds"], d["seconds"])),
+            (memory_label, f"{s[memory_key]:.0f} MB", f"{d[memory_key]:.0f} MB", _ratio(s[memory_key], d[memory_key]))]
 
 
 def _cpu_name() -> str:

@@ -31,30 +31,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.benchmark import CONFIGS, _state, run_txt2img_children, write_report  # noqa: E402
+from tools.benchmark import CONFIGS, _median_alternating, _state, run_txt2img_children, txt2img_cells, write_report  # noqa: E402
 
 ALL_ROWS = ("unet", "vae", "text", "txt2img", "compile")
 
 
 def _timed_pair(fn_a, fn_b, runs: int, sync) -> tuple[float, float]:
     """Median seconds of fn_a and fn_b (each followed by `sync()`), alternating, after 2 warm-ups."""
-    import statistics
-
-    for _ in range(2):
-        fn_a()
-        fn_b()
-        sync()
-    ta, tb = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn_a()
-        sync()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fn_b()
-        sync()
-        tb.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return _median_alternating(fn_a, fn_b, runs, sync=sync, warmups=2)
 
 
 def _first(out):
@@ -294,15 +278,9 @@ def format_table(config: str, size: int, res: dict, steps: int, runs: int) -> st
         a, b = res["text"]
         lines.append(f"| text encode (batch 2) | {a * 1e3:.2f} ms | {b * 1e3:.2f} ms | {_r(a, b)} |")
     if "txt2img" in res:
-        s, d = res["txt2img"]["sdcore"], res["txt2img"]["diffusers"]
-        if "error" in s or "error" in d:
-            why = "; ".join(f"{k}: {v['error']}" for k, v in (("sdcore", s), ("diffusers", d)) if "error" in v)
-            lines.append(f"| txt2img, {steps} steps | unavailable | | {why} |")
-        else:
-            lines.append(f"| txt2img, {steps} steps, Euler (warm) | {s['seconds']:.2f} s | {d['seconds']:.2f} s | "
-                         f"{_r(s['seconds'], d['seconds'])} |")
-            lines.append(f"| peak device memory, txt2img | {s['peak_mb']:.0f} MB | {d['peak_mb']:.0f} MB | "
-                         f"{_r(s['peak_mb'], d['peak_mb'])} |")
+        for cells in txt2img_cells(res["txt2img"], f"txt2img, {steps} steps, Euler (warm)", "peak_mb",
+                                   "peak device memory, txt2img"):
+            lines.append("| " + " | ".join(cells) + " |")
     if "compile" in res:
         lines.append(f"| sdcore compile, cold (UNet+VAE decode+text) | {res['compile']['cold']:.0f} s | | |")
         lines.append(f"| sdcore start, warm cache | {res['compile']['warm']:.1f} s | | |")
@@ -322,6 +300,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tome-ratio", type=float, nargs="*", default=[])
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile's UNet")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--log-schedule", action="store_true",
+                        help="log each kernel for which a dlight rule raised and a later rule was used")
     parser.add_argument("--write", type=Path, help="put the table into this Markdown file")
     parser.add_argument("--child", choices=["sdcore", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -329,8 +309,13 @@ def main(argv=None) -> int:
     if args.child:
         return _child(args)
 
+    import logging
+
     import tvm
 
+    if args.log_schedule:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("sdcore.schedule").setLevel(logging.DEBUG)
     if not tvm.cuda(0).exist:
         print("error: no CUDA GPU is visible to TVM; this benchmark runs on the GPU machine.", file=sys.stderr)
         return 2

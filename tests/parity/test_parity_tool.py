@@ -22,3 +22,9 @@ def test_parity_tool_bad_input(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: model directory")
     assert cli_main(["parity", str(tmp_path), "--components", "unet"]) == 1  # not a converted model
     assert "no sdcore.json" in capsys.readouterr().err
+
+
+def test_parity_tool_float16_needs_cuda(checkpoints, capsys):
+    assert main([str(checkpoints.converted("tiny-sd1")), "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "float16 needs --target cuda" in err[0], err
