@@ -25,6 +25,8 @@ def test_parity_tool_bad_input(tmp_path, capsys):
 
 
 def test_parity_tool_float16_needs_cuda(checkpoints, capsys):
-    assert main([str(checkpoints.converted("tiny-sd1")), "--dtype", "float16"]) == 2
+    model = checkpoints.converted("tiny-sd1")
+    capsys.readouterr()  # drop what building the fixture printed
+    assert main([str(model), "--dtype", "float16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "float16 needs --target cuda" in err[0], err
