@@ -426,9 +426,12 @@ class Conv2d(dlight.ScheduleRule):
             # and tap that is 4 input loads and 4 weight broadcasts for 16 FMAs, against 2 + 8 for
             # 2 vectors x 8 channels; measured 1 thread, vs that tiling: VAE 128->128 at 512x512
             # 112 -> 135 GFLOP/s, 512->512 at 128x128 139 -> 161, UNet 320->320 at 64x64 143 -> 164
-            xr, yr = lanes, _pick([4, 2, 1], h, 1)
+            # On AVX2 (8 accumulators) 4 channels x 2 rows, not 2 x 4: each input vector loaded then
+            # serves 4 channels, and a task re-reads the input once per 4 output channels, not 2.
+            budget = 2 * _accumulators(lanes) // 3
+            xr, yr = lanes, _pick([r for r in (4, 2, 1) if 4 * r <= budget], h, 1)
             vecs = yr
-            fr = _pick([c for c in (8, 4, 2, 1) if c * vecs <= 2 * _accumulators(lanes) // 3], f, 1)
+            fr = _pick([c for c in (8, 4, 2, 1) if c * vecs <= budget], f, 1)
         else:
             if w % (2 * lanes) == 0:
                 xr = 2 * lanes
