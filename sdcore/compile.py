@@ -176,7 +176,8 @@ class CompiledModel:
             raise SdcoreError("parameters are not bound: call set_params() first.")
         dtypes = list(self.input_dtypes.get(function, []))
         dtypes += [None] * (len(inputs) - len(dtypes))
-        args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x, dtype), self.device)
+        args = [x if isinstance(x, tvm.runtime.Tensor)
+                else tvm.runtime.tensor(np.ascontiguousarray(x, dtype), self.device)
                 for x, dtype in zip(inputs, dtypes)]
         if function not in self._prepared and not self._params and self.param_names:
             raise SdcoreError(f"function {function!r} is not one this model was built with ({self.functions}).")
@@ -282,7 +283,8 @@ def _check_cuda_compiler() -> None:
         import cuda.bindings.nvrtc  # noqa: F401
     except ImportError:
         if shutil.which("nvcc") is None:
-            raise SdcoreError("building for cuda needs NVRTC (pip install cuda-bindings) or nvcc on the PATH.") from None
+            raise SdcoreError("building for cuda needs NVRTC (pip install cuda-bindings) or nvcc on the "
+                              "PATH.") from None
         logger.info("cuda-bindings is not installed: compiling CUDA kernels with nvcc")
         os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
 
@@ -359,9 +361,9 @@ def relax_pipeline(target, schedule: bool = True):
 def pipeline_id(target, schedule: bool = True) -> str:
     """Names the pipeline in the cache key; the schedule rules' source is part of it, so editing a
     rule invalidates the libraries built with the old one."""
-    if not schedule:
+    if not schedule or target.kind.name not in ("llvm", "cuda"):
         return "default-v1"
-    if target.kind.name != "llvm":
+    if target.kind.name == "cuda":
         from sdcore.schedule import gpu
 
         return "cuda-dlight-lift-" + hashlib.sha256(Path(gpu.__file__).read_bytes()).hexdigest()[:16]

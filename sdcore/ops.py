@@ -8,37 +8,33 @@ import contextvars
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-# Whether the module being exported may call sdcore's hand-written CPU kernels (sdcore/schedule):
-# they are plain loops for the CPU, with no GPU thread bindings. compile.build sets it per target.
-# Its vector width sizes their register tiles.
-_CPU_KERNELS = contextvars.ContextVar("sdcore_cpu_kernels", default=(True, 16))
+# float32 lanes of the vector registers of the CPU the module being exported is for, which size the
+# register tiles of sdcore's hand-written CPU kernels (sdcore/schedule); 0 while exporting for a GPU:
+# those kernels are plain loops, with no thread bindings. compile.export sets it per target.
+_CPU_LANES = contextvars.ContextVar("sdcore_cpu_lanes", default=16)
 
 
 @contextlib.contextmanager
 def kernels_for(target):
     """While a module is exported for `target` (a TVM Target): the CPU kernels only for llvm, tiled
     for its vector width."""
-    if target.kind.name == "llvm":
-        from sdcore.schedule.cpu import vector_lanes
+    from sdcore.schedule.cpu import vector_lanes
 
-        value = (True, vector_lanes(target))
-    else:
-        value = (False, 0)
-    token = _CPU_KERNELS.set(value)
+    token = _CPU_LANES.set(vector_lanes(target) if target.kind.name == "llvm" else 0)
     try:
         yield
     finally:
-        _CPU_KERNELS.reset(token)
+        _CPU_LANES.reset(token)
 
 
 def cpu_kernels() -> bool:
     """True when the module being exported is for the CPU (the default outside compile.build)."""
-    return _CPU_KERNELS.get()[0]
+    return _CPU_LANES.get() > 0
 
 
 def cpu_vector_lanes() -> int:
     """float32 lanes of the export target's vector registers (16 outside compile.build)."""
-    return _CPU_KERNELS.get()[1]
+    return _CPU_LANES.get()
 
 
 def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causal: bool = False,

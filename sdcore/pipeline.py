@@ -122,7 +122,8 @@ class StableDiffusion:
             # each array goes to the device as it is read (the NumPy copy then freed): loading the
             # whole file first held the UNet's weights twice, 3.4 GB more at the peak of a txt2img
             _config, self._params[component] = weights.load_component(
-                self.model_dir, component, self.component_dtype(component), convert=lambda array: tvm.runtime.tensor(array, device))
+                self.model_dir, component, self.component_dtype(component),
+                convert=lambda array: tvm.runtime.tensor(array, device))
         return self._params[component]
 
     def release(self, component: str) -> None:
@@ -221,7 +222,8 @@ class StableDiffusion:
     def vae_encode(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """[1, 3, H, W] in [-1, 1] -> scaled latents [1, 4, h, w], a sample of the posterior."""
         _, _, height, width = image.shape
-        mean, logvar = self.vae("encode", height, width).encode(image.astype(np.float32))
+        # NumPy inputs go in as they are: CompiledModel converts them to each network's input dtype
+        mean, logvar = self.vae("encode", height, width).encode(image)
         noise = randn(rng, mean.shape)
         std = np.exp(0.5 * logvar)
         return (mean + std * noise).astype(np.float64) * self.scaling_factor
@@ -229,7 +231,7 @@ class StableDiffusion:
     def vae_decode(self, latents: np.ndarray) -> np.ndarray:
         """[1, 4, h, w] latents -> [1, 3, H, W] image in [-1, 1]; refuses to return NaN/inf."""
         _, _, h, w = latents.shape
-        z = (latents / self.scaling_factor).astype(np.float32)
+        z = latents / self.scaling_factor
         image = self.vae("decode", h * self.vae_scale, w * self.vae_scale).decode(z)
         image = _first(image)
         if not np.isfinite(image).all():
@@ -404,7 +406,6 @@ class StableDiffusion:
         # diffusers' order: the negative (unconditional) half first
         context = np.concatenate([np.repeat(uncond, batch_size, 0), np.repeat(cond, batch_size, 0)]) if cfg \
             else np.repeat(cond, batch_size, 0)
-        context = context.astype(np.float32)
         unet_start = time.perf_counter()
         steps_run = range(t_start, n_steps)
         iterator = steps_run
@@ -421,7 +422,7 @@ class StableDiffusion:
             t = np.full((batch,), samplers[0].timesteps[i], dtype=np.float32)
             # ToMe's random destinations (use_rand): drawn from (seed, step), apart from the sampler's noise
             extra_in = unet_tome_inputs(unet_config, tome, batch, h, w, seed=(seed, i)) if tome else ()
-            out = _first(unet.forward(model_in.astype(np.float32), t, context, *extra_in)).astype(np.float64)
+            out = _first(unet.forward(model_in, t, context, *extra_in)).astype(np.float64)
             if cfg:
                 out_uncond, out_cond = out[:batch_size], out[batch_size:]
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)

@@ -136,3 +136,32 @@ def test_cuda_without_a_gpu_names_the_problem():
         pytest.skip("a CUDA GPU is visible: the error path is not reachable here")
     with pytest.raises(SdcoreError, match="no CUDA GPU"):
         make_target("cuda")
+
+
+def test_unknown_dtype_is_refused():
+    from sdcore.errors import SdcoreError
+    from sdcore.pipeline import StableDiffusion
+
+    with pytest.raises(SdcoreError, match="unknown dtype 'bfloat16'") as err:
+        StableDiffusion(dtype="bfloat16")
+    assert err.value.exit_code == 2
+
+
+def test_cuda_build_without_a_kernel_compiler_names_the_problem(monkeypatch):
+    import builtins
+
+    from sdcore.compile import _check_cuda_compiler
+    from sdcore.errors import SdcoreError
+
+    real_import = builtins.__import__
+
+    def no_cuda_bindings(name, *args, **kwargs):
+        if name.startswith("cuda"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delenv("TVM_CUDA_COMPILE_MODE", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_cuda_bindings)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    with pytest.raises(SdcoreError, match="needs NVRTC"):
+        _check_cuda_compiler()

@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.benchmark import CONFIGS, _median_alternating, _state, run_txt2img_children, txt2img_cells, write_report  # noqa: E402
+from tools.benchmark import (  # noqa: E402
+    CONFIGS, _median_alternating, _state, run_txt2img_children, txt2img_cells, write_report)
 
 ALL_ROWS = ("unet", "vae", "text", "txt2img", "compile")
 
@@ -256,7 +257,8 @@ def format_table(config: str, size: int, res: dict, steps: int, runs: int) -> st
     lines = [
         f"GPU: {gpu}; {time.strftime('%Y-%m-%d')}; sdcore {sdcore.__version__}, TVM {tvm.__version__}, "
         f"torch {torch.__version__}; config {config}, {size}x{size}, UNet and text encoder float16, VAE float32, "
-        f"random weights, median of {runs} alternating runs. Ratios are time sdcore / PyTorch (below 1: sdcore faster).",
+        f"random weights, median of {runs} alternating runs. Ratios are time sdcore / PyTorch "
+        "(below 1: sdcore faster).",
         "",
         "| row | sdcore | PyTorch | sdcore / PyTorch |",
         "|---|---|---|---|",

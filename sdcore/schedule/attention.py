@@ -6,9 +6,10 @@ and once more for p·v. Here every parallel task takes one (batch, head, block o
 and keeps its block's scores transposed, keys x queries (4096 x 32 floats = 512 KiB, in the per-core
 L2), so the BR queries are the vector lanes throughout:
 
-1. scores: register tiles of KEYS = 12 keys x 32 queries (AVX2: 6 x 16, see block_sizes); per head channel one vector load of the
-   (scaled, transposed) queries and 12 key values broadcast into the FMAs. Keys past the last are
-   padded up to a multiple of KEYS (their index clamped) and masked to -3e38.
+1. scores: register tiles of KEYS = 12 keys x 32 queries (AVX2: 6 x 16, see block_sizes); per head
+   channel one vector load of the (scaled, transposed) queries and 12 key values broadcast into the
+   FMAs. Keys past the last are padded up to a multiple of KEYS (their index clamped) and masked to
+   -3e38.
 2. softmax down the key axis, per query lane: vector max, vector exp (fastmath's polynomial), vector
    sum; no horizontal reductions. The 1/sum is applied at the write-back.
 3. outᵀ = vᵀ p: register tiles of up to 12 head channels x 32 queries, the keys innermost, written

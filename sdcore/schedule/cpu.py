@@ -30,9 +30,6 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 
-VECTOR_LANES = 16  # float32 lanes of an AVX-512 register; 8 on AVX2 (set from the target)
-
-
 def vector_lanes(target: Target) -> int:
     """float32 lanes of the target's vector registers: 16 with AVX-512, 8 with AVX/AVX2, else 4.
 

@@ -107,7 +107,15 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Stride-2 3x3 convolution (diffusers `Downsample2D(use_conv=True, name="op")`: weights at `conv`)."""
+    """Stride-2 3x3 convolution (diffusers `Downsample2D(use_conv=True, name="op")`: weights at `conv`).
+
+    With padding=0 (the VAE encoder's, and UNets built with downsample_padding=0) diffusers pads one
+    zero row at the bottom and one column at the right, as the original LDM code did: even sizes
+    are halved, and output pixel (i, j) sees input rows 2i..2i+2. Here that is the conv's own
+    (top, left, bottom, right) = (0, 0, 1, 1) padding, not a pad op: a separate pad was fused into
+    the previous conv's epilogue, which dlight's GPU Matmul rule cannot schedule (its fallback
+    needed 256 KB of shared memory, over the 48 KB limit).
+    """
 
     def __init__(self, channels: int, padding: int = 1, dtype: str = "float32"):
         super().__init__()
@@ -116,8 +124,6 @@ class Downsample2D(nn.Module):
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
         if self.padding == 0:
-            # diffusers pads right and bottom by one when the conv itself has no padding: here the
-            # conv's own (top, left, bottom, right) padding, as in sdcore.vae.blocks.Downsample2D
             conv = self.conv
             return op.conv2d(hidden_states, conv.weight, conv.bias, stride=2, padding=(0, 0, 1, 1))
         return self.conv(hidden_states)

@@ -18,6 +18,7 @@ from tvm.relax.frontend.nn import op
 from sdcore.ops import attention, cpu_kernels
 from sdcore.schedule.groupnorm import LANES as GROUP_NORM_LANES
 from sdcore.schedule.groupnorm import group_norm_kernel
+from sdcore.unet.blocks import Downsample2D
 
 GROUP_NORM_EPS = 1e-6
 
@@ -82,24 +83,6 @@ class ResnetBlock2D(nn.Module):
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
         return input_tensor + hidden_states
-
-
-class Downsample2D(nn.Module):
-    """Stride-2 3x3 conv after zero padding one row at the bottom and one column at the right.
-
-    The encoder builds it with padding=0, for which diffusers pads (0, 1, 0, 1) explicitly, as the
-    original LDM code did: even sizes are halved, and output pixel (i, j) sees input rows 2i..2i+2.
-    Here the padding is the conv's own (top, left, bottom, right) = (0, 0, 1, 1), not a pad op:
-    a separate pad was fused into the previous conv's epilogue, which dlight's GPU Matmul rule
-    cannot schedule (its fallback needed 256 KB of shared memory, over the 48 KB limit).
-    """
-
-    def __init__(self, channels: int, dtype: str):
-        self.conv = nn.Conv2D(channels, channels, 3, stride=2, padding=0, dtype=dtype)
-
-    def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
-        conv = self.conv
-        return op.conv2d(hidden_states, conv.weight, conv.bias, stride=2, padding=(0, 0, 1, 1))
 
 
 class Upsample2D(nn.Module):
@@ -172,7 +155,8 @@ class DownEncoderBlock2D(nn.Module):
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, dtype)
             for i in range(num_layers)
         ])
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, dtype)]) if add_downsample else None
+        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, padding=0, dtype=dtype)]) if add_downsample
+                             else None)
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
         for resnet in self.resnets:
