@@ -10,6 +10,7 @@ multiples of the vector width, head sizes of 40 and 77 keys, 1x1/3x3/stride-2 co
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -168,6 +169,41 @@ def test_conv_matches_unscheduled(tmp_path, batch, c, o, hw, kernel, stride):
     spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
     ours, ref = _both(_ConvBlock(c, o, kernel, stride), spec, tmp_path, [x])
     _close(ours, ref)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for an x86 AVX2 CPU")
+@pytest.mark.parametrize("batch,c,o,hw,stride", [
+    (1, 16, 8, 32, 1),     # 2 input-channel blocks, 2 channel tiles, one 32-column strip
+    (2, 24, 20, 128, 1),   # 3 blocks, 5 channel tiles (1 per task), two 64-column strips per row
+    (1, 16, 8, 64, 2),     # stride 2 to a 32-column output
+])
+def test_conv_avx2_channel_blocked(tmp_path, batch, c, o, hw, stride):
+    """The AVX2 3x3 rule that blocks the reduction by 8 input channels, built for an AVX2 CPU
+    (haswell) whatever this x86 machine has, against TVM's unscheduled build."""
+    import tvm
+    from tvm.target import Target
+
+    from sdcore.compile import scheduling_passes
+
+    haswell = Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    ir_mod, _ = _ConvBlock(c, o, 3, stride).export_tvm(
+        spec={"forward": {"x": nn.spec.Tensor((batch, c, hw, hw), "float32")}})
+    with haswell:
+        ir_mod = tvm.transform.Sequential(scheduling_passes(haswell))(ir_mod)
+    conv = [f.script() for gv, f in ir_mod.functions.items() if "conv2d" in gv.name_hint]
+    assert len(conv) == 1 and "rc_0" in conv[0], "the blocked rule did not apply"
+
+    x = np.random.default_rng(5).standard_normal((batch, c, hw, hw)).astype("float32")
+    spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
+    outs = []
+    for target, scheduled in ((haswell, True), ("llvm", False)):
+        cm = build(_ConvBlock(c, o, 3, stride), spec, name="schedule-test", target=target, cache_dir=tmp_path,
+                   use_cache=False, schedule=scheduled)
+        rng = np.random.default_rng(0)
+        cm.set_params({n: (rng.standard_normal(s) * 0.2).astype(d)
+                       for n, s, d in zip(cm.param_names, cm.param_shapes, cm.param_dtypes)})
+        outs.append(cm.forward(x))
+    _close(*outs)
 
 
 def test_softmax_sigmoid_fast_exp(tmp_path):

@@ -369,6 +369,7 @@ def _parallel_vectorize(sch: s_tir.Schedule, info, lanes: int) -> None:
 
 _CONV_INPUT_BYTES = 512 * 1024  # input rows per conv task (image-major order): half the L2
 _CONV_COPY_1X1_BYTES = 64 << 20  # 1x1 inputs up to this size are copied to [N, H, C, W] first
+_RC_BLOCK = 8  # input channels per reduction block of an AVX2 3x3 conv (see Conv2d)
 
 
 class Conv2d(dlight.ScheduleRule):
@@ -418,6 +419,9 @@ class Conv2d(dlight.ScheduleRule):
         writeback = sch.cache_write(block, 0, "local")
         _inline_consumers(sch, writeback)
 
+        # AVX2 3x3 convs over rows of 32+ columns block their reduction by input channel (below)
+        blocked = (window != [1, 1] and w % lanes == 0 and f % 4 == 0 and lanes == 8 and w >= 32
+                   and c_in % _RC_BLOCK == 0 and c_in > _RC_BLOCK)
         if window != [1, 1] and w % lanes == 0 and f % 4 == 0:
             # 3x3: one vector per output row, 4 rows x 4 channels (16 accumulators). Per input channel
             # and tap that is 4 input loads and 4 weight broadcasts for 16 FMAs, against 2 + 8 for
@@ -450,7 +454,31 @@ class Conv2d(dlight.ScheduleRule):
         # Tasks walk rows inside channel blocks when the weights are the larger operand (deep, low
         # resolution layers) and channel blocks inside rows when the image is (a VAE decoder at
         # 512x512 would otherwise stream its whole input from memory once per channel block).
-        if c_in * h * w > f * c_in * window[0] * window[1]:
+        image_major = c_in * h * w > f * c_in * window[0] * window[1]
+        if blocked:
+            # The reduction walks 8 input channels at a time (rc_o), and within each block every
+            # tile of the task's strip (4 channel tiles x 64 columns): the block's input rows and
+            # weights (8 channels x 4 rows x 66 columns + 16 x 8 x 9 weights: 13 KB) stay in the
+            # 32 KB L1 while the tiles walk across them, and the strip's accumulators (16 x 2 x 64
+            # floats, 8 KB) are loaded and stored once per 576 FMAs. Unblocked, a tile walked every
+            # input channel (512 x 4 rows: ~150 KB) and its neighbour found none of it in the L1;
+            # a task's rows (540 KB at 512 channels x 64 columns) did not fit the Zen 3's 512 KB
+            # L2 either. 1 thread, same process, vs torch: 512->512 at 64x64 509 -> 246 ms (217),
+            # at 128x128 1383 -> 1108 ms (934), 256->256 at 256x256 1319 -> 1123 (1007),
+            # 128->128 at 512x512 1376 -> 1178 (1152); the unblocked times also swung 2-3x
+            # between processes (512 at 64x64: 280-1100 ms), the blocked ones by ~10%. At 16x16
+            # and 8x8 (UNet, 1280 channels) blocking measured 5-15% slower, so it starts at 32.
+            rc_o, rc_i = sch.split(rc, [None, _RC_BLOCK])
+            tiles = w // xr
+            x_oo, x_o = sch.split(x_o, [None, _pick([t for t in range(tiles, 0, -1) if t * xr <= 64], tiles, 1)])
+            f_oo, f_b = sch.split(f_o, [None, _pick(range(4, 0, -1), f // fr, 1)])
+            task = [n_, y_o, x_oo, f_oo] if image_major else [n_, f_oo, y_o, x_oo]
+            sch.reorder(*task, rc_o, f_b, x_o, rc_i, *red[1:], y_i, f_i, x_i)
+            task = sch.fuse(*task)
+            sch.parallel(task)
+            sch.reverse_compute_at(writeback, task, preserve_unit_loops=True)
+            rc = rc_o
+        elif image_major:
             # A task takes a chunk of the row whose input rows (all channels) fit ~512 KiB, and
             # consecutive tasks the next channel blocks of that chunk: with whole rows (256
             # channels x 3 rows x 514 columns = 1.6 MB at 512x512) the input fell out of the L2 between
@@ -464,7 +492,8 @@ class Conv2d(dlight.ScheduleRule):
         else:
             sch.reorder(n_, f_o, y_o, x_o, *red, y_i, f_i, x_i)
             sch.parallel(sch.fuse(n_, f_o, y_o))
-        sch.reverse_compute_at(writeback, x_o, preserve_unit_loops=True)
+        if not blocked:
+            sch.reverse_compute_at(writeback, x_o, preserve_unit_loops=True)
         sch.unroll(y_i)
         sch.unroll(f_i)
         sch.vectorize(x_i)
