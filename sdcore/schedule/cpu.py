@@ -369,7 +369,9 @@ def _parallel_vectorize(sch: s_tir.Schedule, info, lanes: int) -> None:
 
 _CONV_INPUT_BYTES = 512 * 1024  # input rows per conv task (image-major order): half the L2
 _CONV_COPY_1X1_BYTES = 64 << 20  # 1x1 inputs up to this size are copied to [N, H, C, W] first
-_RC_BLOCK = 8  # input channels per reduction block of an AVX2 3x3 conv (see Conv2d)
+_RC_BLOCK = 8  # input channels per reduction block of an AVX2 3x3 conv (see Conv2d) ...
+_RC_TILES = 2  # ... channel tiles (of 4) and
+_RC_COLUMNS = 64  # ... output columns a task's strip has
 
 
 class Conv2d(dlight.ScheduleRule):
@@ -457,21 +459,24 @@ class Conv2d(dlight.ScheduleRule):
         image_major = c_in * h * w > f * c_in * window[0] * window[1]
         if blocked:
             # The reduction walks 8 input channels at a time (rc_o), and within each block every
-            # tile of the task's strip (4 channel tiles x 64 columns): the block's input rows and
-            # weights (8 channels x 4 rows x 66 columns + 16 x 8 x 9 weights: 13 KB) stay in the
-            # 32 KB L1 while the tiles walk across them, and the strip's accumulators (16 x 2 x 64
-            # floats, 8 KB) are loaded and stored once per 576 FMAs. Unblocked, a tile walked every
-            # input channel (512 x 4 rows: ~150 KB) and its neighbour found none of it in the L1;
-            # a task's rows (540 KB at 512 channels x 64 columns) did not fit the Zen 3's 512 KB
-            # L2 either. 1 thread, same process, vs torch: 512->512 at 64x64 509 -> 246 ms (217),
-            # at 128x128 1383 -> 1108 ms (934), 256->256 at 256x256 1319 -> 1123 (1007),
-            # 128->128 at 512x512 1376 -> 1178 (1152); the unblocked times also swung 2-3x
-            # between processes (512 at 64x64: 280-1100 ms), the blocked ones by ~10%. At 16x16
-            # and 8x8 (UNet, 1280 channels) blocking measured 5-15% slower, so it starts at 32.
+            # tile of the task's strip (2 channel tiles x 64 columns): the block's input rows and
+            # weights (8 channels x 4 rows x 66 columns + 8 x 8 x 9 weights: 11 KB) stay in the
+            # 32 KB L1 while the tiles walk across them, and the strip's accumulators (8 x 2 x 64
+            # floats, 4 KB) are loaded and stored once per 576 FMAs. Unblocked, a tile walked every
+            # input channel (512 x 4 rows: ~150 KB) and its neighbour found none of it in the L1,
+            # and a task's rows (540 KB at 512 channels x 64 columns) did not fit the Zen 3's 512 KB
+            # L2 either. 1 thread, same process, min of 3, unblocked -> blocked (torch), Zen 3:
+            # VAE 512->512 at 64x64 1057 -> 290 ms (227), at 128x128 1484 -> 1310 (1140), 128->128
+            # at 512x512 1591 -> 1386 (1297), 256->256 at 256x256 1492 -> 1530 (1167); UNet, batch
+            # 2: 320->320 at 64x64 223 -> 201 (180), 960->320 at 64x64 867 -> 614 (535), 1920->640
+            # at 32x32 764 -> 571 (567). Unblocked times also swung 2-4x between processes (512 at
+            # 64x64: 280-1100 ms), blocked ones ~10%. 4 channel tiles per strip instead of 2: VAE
+            # 5% faster, UNet at 64x64 15% slower. At 16x16 and 8x8 (UNet, 1280 channels) blocking
+            # measured 5-15% slower, so it starts at 32 columns. Not measured on AVX-512.
             rc_o, rc_i = sch.split(rc, [None, _RC_BLOCK])
             tiles = w // xr
-            x_oo, x_o = sch.split(x_o, [None, _pick([t for t in range(tiles, 0, -1) if t * xr <= 64], tiles, 1)])
-            f_oo, f_b = sch.split(f_o, [None, _pick(range(4, 0, -1), f // fr, 1)])
+            x_oo, x_o = sch.split(x_o, [None, _pick([t for t in range(tiles, 0, -1) if t * xr <= _RC_COLUMNS], tiles, 1)])
+            f_oo, f_b = sch.split(f_o, [None, _pick(range(_RC_TILES, 0, -1), f // fr, 1)])
             task = [n_, y_o, x_oo, f_oo] if image_major else [n_, f_oo, y_o, x_oo]
             sch.reorder(*task, rc_o, f_b, x_o, rc_i, *red[1:], y_i, f_i, x_i)
             task = sch.fuse(*task)
