@@ -1,6 +1,6 @@
 """Time every compiled kernel of one sdcore network, one by one: where a UNet step or a VAE decode goes.
 
-    python tools/profile_kernels.py --config sd15 --size 512 --network unet [--threads 2] [--top 25]
+    python tools/profile_kernels.py --config sd15 --size 512 --network unet|vae|text [--top 25]
 
 TVM 0.27's Relax VM has no profiler, so this runs sdcore's CPU pipeline up to the schedule rules
 (sdcore.compile.scheduling_passes), reads the `call_tir` calls of the forward function with
@@ -29,6 +29,7 @@ def scheduled_module(network: str, config: str, size: int):
     from tvm import relax
 
     from sdcore import presets, weights
+    from sdcore.clip.model import clip_spec
     from sdcore.compile import make_target, scheduling_passes
     from sdcore.unet.model import unet_spec
     from sdcore.vae.model import vae_spec
@@ -37,6 +38,9 @@ def scheduled_module(network: str, config: str, size: int):
     if network == "unet":
         module = weights.build_module("unet", p["unet"])
         spec = unet_spec(module.config, 2, size // 8, size // 8)
+    elif network == "text":
+        module = weights.build_module("text_encoder", p["text_encoder"])
+        spec = clip_spec(module.config, 2)
     else:
         module = weights.build_module("vae", p["vae"], functions=("decode",))
         spec = vae_spec(module.config, 1, size, size, functions=("decode",))
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sd15")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--network", choices=("unet", "vae"), default="unet")
+    parser.add_argument("--network", choices=("unet", "vae", "text"), default="unet")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
