@@ -171,39 +171,61 @@ def test_conv_matches_unscheduled(tmp_path, batch, c, o, hw, kernel, stride):
     _close(ours, ref)
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for an x86 AVX2 CPU")
+_HASWELL = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+_X86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for an x86 AVX2 CPU")
+
+
+def _haswell_vs_unscheduled(module, x, tmp_path, kernel: str, marker: str):
+    """Build `module` for an AVX2 CPU (haswell), whatever this x86 machine has, check that the
+    scheduled `kernel` PrimFunc contains `marker` (the AVX2 rule took it), and compare its output
+    with TVM's unscheduled build."""
+    import tvm
+    from tvm import relax
+    from tvm.target import Target
+
+    from sdcore.compile import scheduling_passes
+
+    haswell = Target(_HASWELL)
+    spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
+    ir_mod, _ = module.export_tvm(spec=spec)
+    ir_mod = relax.transform.LiftTransformParams()(ir_mod)
+    with haswell:
+        ir_mod = tvm.transform.Sequential(scheduling_passes(haswell))(ir_mod)
+    funcs = [f.script() for gv, f in ir_mod.functions.items() if kernel in gv.name_hint]
+    assert len(funcs) == 1 and marker in funcs[0], f"the AVX2 rule did not apply to {kernel}"
+    outs = []
+    for target, scheduled in ((haswell, True), ("llvm", False)):
+        cm = build(module, spec, name="schedule-test", target=target, cache_dir=tmp_path, use_cache=False,
+                   schedule=scheduled)
+        rng = np.random.default_rng(0)
+        cm.set_params({n: (rng.standard_normal(s) * 0.2).astype(d)
+                       for n, s, d in zip(cm.param_names, cm.param_shapes, cm.param_dtypes)})
+        outs.append(cm.forward(x))
+    _close(*outs)
+
+
+@_X86
 @pytest.mark.parametrize("batch,c,o,hw,stride", [
     (1, 16, 8, 32, 1),     # 2 input-channel blocks, 2 channel tiles, one 32-column strip
     (2, 24, 20, 128, 1),   # 3 blocks, 5 channel tiles (1 per task), two 64-column strips per row
     (1, 16, 8, 64, 2),     # stride 2 to a 32-column output
 ])
 def test_conv_avx2_channel_blocked(tmp_path, batch, c, o, hw, stride):
-    """The AVX2 3x3 rule that blocks the reduction by 8 input channels, built for an AVX2 CPU
-    (haswell) whatever this x86 machine has, against TVM's unscheduled build."""
-    import tvm
-    from tvm.target import Target
-
-    from sdcore.compile import scheduling_passes
-
-    haswell = Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
-    ir_mod, _ = _ConvBlock(c, o, 3, stride).export_tvm(
-        spec={"forward": {"x": nn.spec.Tensor((batch, c, hw, hw), "float32")}})
-    with haswell:
-        ir_mod = tvm.transform.Sequential(scheduling_passes(haswell))(ir_mod)
-    conv = [f.script() for gv, f in ir_mod.functions.items() if "conv2d" in gv.name_hint]
-    assert len(conv) == 1 and "rc_0" in conv[0], "the blocked rule did not apply"
-
+    """The AVX2 3x3 rule that blocks the reduction by 8 input channels."""
     x = np.random.default_rng(5).standard_normal((batch, c, hw, hw)).astype("float32")
-    spec = {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}
-    outs = []
-    for target, scheduled in ((haswell, True), ("llvm", False)):
-        cm = build(_ConvBlock(c, o, 3, stride), spec, name="schedule-test", target=target, cache_dir=tmp_path,
-                   use_cache=False, schedule=scheduled)
-        rng = np.random.default_rng(0)
-        cm.set_params({n: (rng.standard_normal(s) * 0.2).astype(d)
-                       for n, s, d in zip(cm.param_names, cm.param_shapes, cm.param_dtypes)})
-        outs.append(cm.forward(x))
-    _close(*outs)
+    _haswell_vs_unscheduled(_ConvBlock(c, o, 3, stride), x, tmp_path, "conv2d", "rc_0")
+
+
+@_X86
+@pytest.mark.parametrize("batch,m,k,n", [
+    (2, 77, 24, 64),   # text-encoder rows: padded to 78, 2 column panels (packed, batch inside the task)
+    (1, 77, 16, 32),   # one panel: not packed
+])
+def test_linear_avx2_rows_padded(tmp_path, batch, m, k, n):
+    """The AVX2 GEMM on rows padded from 77 to 78 (4 vectors x 3 rows), the padded rows dropped by a
+    copy that also applies the bias and GELU."""
+    x = np.random.default_rng(6).standard_normal((batch, m, k)).astype("float32")
+    _haswell_vs_unscheduled(_Linear(k, n), x, tmp_path, "matmul", "_pad")
 
 
 def test_softmax_sigmoid_fast_exp(tmp_path):
