@@ -250,8 +250,8 @@ class Matmul(dlight.ScheduleRule):
         # vector x 11 rows, one load per FMA) runs on rows padded with zeros to a multiple of 3, 4
         # or 6 where that gives a tile with >= 1.25x the FMAs per load (78 rows: 4 vectors x 3
         # rows, 12 FMAs per 7 loads); a separate copy drops the padded rows and takes the epilogue.
-        # SD1.5 text encoder's Linears, 2 x 77 rows, 1 thread: 2.0x faster (below). AVX2 only:
-        # not measured with AVX-512's tiles.
+        # 2x77x3072 -> 768 (fc2 of the text encoder), 1 thread, Zen 3: 31.8 -> 12.7 ms (torch
+        # ~10). AVX2 only: not measured with AVX-512's tiles.
         row_pad = _row_padding(m, n, lanes, k_len) if lanes == 8 and _weight_read(stmt) is not None else None
         if row_pad is not None:
             sch.pad_einsum(sch.get_sblock(name), [1] * (len(stmt.iter_vars) - 3) + [row_pad, 1, 1])
