@@ -315,3 +315,19 @@ def test_build_keeps_no_caller_frame_alive(tmp_path):
         assert ref() is None, "the caller's frame outlived the call"
     finally:
         gc.enable()
+
+
+def test_bench_ops_tool_runs():
+    """tools/bench_ops.py builds each variant, checks it against PyTorch and prints one row per op
+    (in a subprocess: it sets the process's thread counts)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py"
+    out = subprocess.run([sys.executable, str(tool), "--conv", "8,8,8", "--linear", "1,5,8,16", "--runs", "1",
+                          "--variant", "one_tile:_RC_TILES=1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| conv", "| Linear"))]
+    assert len(rows) == 2 and all(row.count("x)") == 2 for row in rows)

@@ -12,10 +12,11 @@ rules here run after FuseTIR and give each PrimFunc a schedule without any tunin
   injective prologues (reshapes, transposes of the inputs) into the reads. A 2-D weight wider than
   one panel is copied per task into a contiguous K x NR panel (strided by N, its rows would alias
   in the caches and miss the TLB), and a task then runs up to 512 rows against it.
+  On AVX2, 77 rows (text tokens) run as 78 zero-padded rows, for a wider tile.
 - `Conv2d`: NCHW direct convolution with the same micro-kernel shape: an (output channels x output
   columns) tile in registers, vectorized along the output row, the (input channel, ky, kx)
   reduction innermost; the padding block is inlined into the reads and the epilogue into the
-  write-back.
+  write-back. On AVX2 the 3x3 reduction over rows of 32+ columns is blocked by 8 input channels.
 - `Generic`: anything else (norms, softmax, elementwise): the dlight CPU reduction rule where it
   applies, else parallel outer spatial loops and a vectorized innermost loop per block.
 
@@ -471,10 +472,10 @@ class Conv2d(dlight.ScheduleRule):
         writeback = sch.cache_write(block, 0, "local")
         _inline_consumers(sch, writeback)
 
+        row_tile = window != [1, 1] and w % lanes == 0 and f % 4 == 0
         # AVX2 3x3 convs over rows of 32+ columns block their reduction by input channel (below)
-        blocked = (window != [1, 1] and w % lanes == 0 and f % 4 == 0 and lanes == 8 and w >= 32
-                   and c_in % _RC_BLOCK == 0 and c_in > _RC_BLOCK)
-        if window != [1, 1] and w % lanes == 0 and f % 4 == 0:
+        blocked = row_tile and lanes == 8 and w >= 32 and c_in % _RC_BLOCK == 0 and c_in > _RC_BLOCK
+        if row_tile:
             # 3x3: one vector per output row, 4 rows x 4 channels (16 accumulators). Per input channel
             # and tap that is 4 input loads and 4 weight broadcasts for 16 FMAs, against 2 + 8 for
             # 2 vectors x 8 channels; measured 1 thread, vs that tiling: VAE 128->128 at 512x512
@@ -525,7 +526,8 @@ class Conv2d(dlight.ScheduleRule):
             # measured 5-15% slower, so it starts at 32 columns. Not measured on AVX-512.
             rc_o, rc_i = sch.split(rc, [None, _RC_BLOCK])
             tiles = w // xr
-            x_oo, x_o = sch.split(x_o, [None, _pick([t for t in range(tiles, 0, -1) if t * xr <= _RC_COLUMNS], tiles, 1)])
+            strip = _pick([t for t in range(tiles, 0, -1) if t * xr <= _RC_COLUMNS], tiles, 1)
+            x_oo, x_o = sch.split(x_o, [None, strip])
             f_oo, f_b = sch.split(f_o, [None, _pick(range(_RC_TILES, 0, -1), f // fr, 1)])
             task = [n_, y_o, x_oo, f_oo] if image_major else [n_, f_oo, y_o, x_oo]
             sch.reorder(*task, rc_o, f_b, x_o, rc_i, *red[1:], y_i, f_i, x_i)
