@@ -58,11 +58,12 @@ class _Geglu(nn.Module):
         return value * op.gelu(gate)
 
 
-def _both(module, spec: dict, tmp_path, inputs, seed=0):
-    """(scheduled output, unscheduled output) with the same random weights."""
+def _both(module, spec: dict, tmp_path, inputs, seed=0, target="llvm"):
+    """(scheduled output for `target`, unscheduled output for this CPU) with the same random weights."""
     outs, params = [], None
     for scheduled in (True, False):
-        cm = build(module, spec, name="schedule-test", cache_dir=tmp_path, use_cache=False, schedule=scheduled)
+        cm = build(module, spec, name="schedule-test", target=target if scheduled else "llvm", cache_dir=tmp_path,
+                   use_cache=False, schedule=scheduled)
         if params is None:
             rng = np.random.default_rng(seed)
             params = {n: (rng.standard_normal(s) * 0.2).astype(d) for n, s, d in
@@ -193,15 +194,7 @@ def _haswell_vs_unscheduled(module, x, tmp_path, kernel: str, marker: str):
         ir_mod = tvm.transform.Sequential(scheduling_passes(haswell))(ir_mod)
     funcs = [f.script() for gv, f in ir_mod.functions.items() if kernel in gv.name_hint]
     assert len(funcs) == 1 and marker in funcs[0], f"the AVX2 rule did not apply to {kernel}"
-    outs = []
-    for target, scheduled in ((haswell, True), ("llvm", False)):
-        cm = build(module, spec, name="schedule-test", target=target, cache_dir=tmp_path, use_cache=False,
-                   schedule=scheduled)
-        rng = np.random.default_rng(0)
-        cm.set_params({n: (rng.standard_normal(s) * 0.2).astype(d)
-                       for n, s, d in zip(cm.param_names, cm.param_shapes, cm.param_dtypes)})
-        outs.append(cm.forward(x))
-    _close(*outs)
+    _close(*_both(module, spec, tmp_path, [x], target=haswell))
 
 
 @_X86
@@ -331,3 +324,22 @@ def test_bench_ops_tool_runs():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith(("| conv", "| Linear"))]
     assert len(rows) == 2 and all(row.count("x)") == 2 for row in rows)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--conv", "8,8"], "--conv 8,8: expected 3 or 4 positive integer(s)"),
+    (["--linear", "1,5,8,0"], "--linear 1,5,8,0: expected 4 positive integer(s)"),
+    (["--conv", "8,8,8", "--variant", "v:_RC_TILES=two"], "--variant v:_RC_TILES=two: expected 1 positive"),
+    (["--conv", "8,8,8", "--variant", "v:_NO_SUCH=1"], "sdcore.schedule.cpu has no _NO_SUCH"),
+])
+def test_bench_ops_tool_bad_input(args, message):
+    """A malformed shape or variant is one line on stderr and exit 2, before anything is built."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py"
+    out = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert message in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr, out.stderr
+

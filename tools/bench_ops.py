@@ -32,8 +32,21 @@ def _parse_variant(text: str) -> tuple[str, dict[str, int]]:
     values = {}
     for item in filter(None, settings.split(",")):
         attr, _, value = item.partition("=")
-        values[attr] = int(value)
+        values[attr] = _ints(value, 1, f"--variant {text}")[0]
     return name, values
+
+
+def _ints(text: str, count, what: str) -> list[int]:
+    """The comma-separated positive integers of `text` (as many as one of `count`), else an
+    argparse error naming `what`."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    counts = count if isinstance(count, tuple) else (count,)
+    if len(values) not in counts or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{what}: expected {' or '.join(map(str, counts))} positive integer(s)")
+    return values
 
 
 def _modules():
@@ -56,15 +69,14 @@ def _modules():
     return Conv, Linear
 
 
-def _cases(args):
+def _cases(convs: list[list[int]], linears: list[list[int]]):
     """[(label, module factory, input shape, parameter dict, torch function, GFLOP)]"""
     import torch
 
     Conv, Linear = _modules()
     rng = np.random.default_rng(0)
     cases = []
-    for text in args.conv:
-        c, o, hw, *rest = (int(v) for v in text.split(","))
+    for c, o, hw, *rest in convs:
         batch = rest[0] if rest else 1
         w = (rng.standard_normal((o, c, 3, 3)) * 0.05).astype("float32")
         b = rng.standard_normal(o).astype("float32")
@@ -73,8 +85,7 @@ def _cases(args):
                       (batch, c, hw, hw), {"conv.weight": w, "conv.bias": b},
                       lambda x, tw=tw, tb=tb: torch.nn.functional.conv2d(x, tw, tb, padding=1),
                       2 * batch * c * o * 9 * hw * hw / 1e9))
-    for text in args.linear:
-        b_, m, k, n = (int(v) for v in text.split(","))
+    for b_, m, k, n in linears:
         w = (rng.standard_normal((n, k)) * 0.05).astype("float32")
         b = rng.standard_normal(n).astype("float32")
         tw, tb = torch.from_numpy(w), torch.from_numpy(b)
@@ -94,7 +105,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.conv and not args.linear:
         parser.error("give at least one --conv or --linear")
-    variants = [("sdcore", {})] + [_parse_variant(v) for v in args.variant]
+    try:
+        variants = [("sdcore", {})] + [_parse_variant(v) for v in args.variant]
+        convs = [_ints(text, (3, 4), f"--conv {text}") for text in args.conv]
+        linears = [_ints(text, 4, f"--linear {text}") for text in args.linear]
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import torch
@@ -113,7 +129,7 @@ def main(argv=None) -> int:
     print(f"{args.threads} thread(s) per side, min of {args.runs} alternating calls\n")
     print("| operator | " + " | ".join(name for name, _ in variants) + " | PyTorch |")
     print("|---" * (len(variants) + 2) + "|")
-    for label, factory, shape, params, torch_fn, gflop in _cases(args):
+    for label, factory, shape, params, torch_fn, gflop in _cases(convs, linears):
         x = np.random.default_rng(1).standard_normal(shape).astype("float32")
         tx = torch.from_numpy(x)
         ref = torch_fn(tx).numpy()

@@ -123,11 +123,24 @@ def _inline_spatial(sch: s_tir.Schedule, keep) -> None:
                 continue
 
 
+def _parallel_copy(sch: s_tir.Schedule, block) -> None:
+    """A copy block (padding, layout change, cropping): parallel over all but its innermost loop,
+    vectorized along that one."""
+    loops = sch.get_loops(block)
+    sch.parallel(sch.fuse(*loops[:-1]))
+    sch.vectorize(loops[-1])
+
+
 def _pick(candidates, total: int, default: int) -> int:
     for c in candidates:
         if c <= total and total % c == 0:
             return c
     return default
+
+
+def _vectors(nr: int, vw: int, lanes: int) -> int:
+    """Vector registers one row of an NR-column tile takes, at vector width `vw`."""
+    return -(-nr // lanes) if vw == lanes else nr // vw
 
 
 _PANEL_BYTES = 1536 * 1024  # a K x NR weight panel streamed once per row tile stays in the 2 MB L2
@@ -153,7 +166,7 @@ def matmul_tiles(m: int, n: int, lanes: int, k: int | None = None) -> tuple[int,
     best = None
     for nr in options:
         vw = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if nr % v == 0)
-        vecs = -(-nr // lanes) if vw == lanes else nr // vw
+        vecs = _vectors(nr, vw, lanes)
         mr_max = max(1, min(16, _accumulators(lanes) // vecs))
         mr = _pick(range(mr_max, 0, -1), m, 1)
         score = (mr * vecs, nr)
@@ -167,7 +180,7 @@ def matmul_tiles(m: int, n: int, lanes: int, k: int | None = None) -> tuple[int,
 
 def _fma_per_load(nr: int, vw: int, mr: int, lanes: int) -> float:
     """FMAs per load (B vectors and A broadcasts) in one k step of an MR x NR micro-kernel."""
-    vecs = -(-nr // lanes) if vw == lanes else nr // vw
+    vecs = _vectors(nr, vw, lanes)
     return mr * vecs / (mr + vecs)
 
 
@@ -251,17 +264,16 @@ class Matmul(dlight.ScheduleRule):
         # vector x 11 rows, one load per FMA) runs on rows padded with zeros to a multiple of 3, 4
         # or 6 where that gives a tile with >= 1.25x the FMAs per load (78 rows: 4 vectors x 3
         # rows, 12 FMAs per 7 loads); a separate copy drops the padded rows and takes the epilogue.
-        # 2x77x3072 -> 768 (fc2 of the text encoder), 1 thread, Zen 3: 31.8 -> 12.7 ms (torch
-        # ~10). AVX2 only: not measured with AVX-512's tiles.
+        # 2x77x3072 -> 768 (fc2 of the text encoder), 1 thread, Zen 3: 31.8 -> 14.3 ms (torch 9.9),
+        # and 14.3 -> 12.7 (torch 10.4) in a second run from the shared panel copy below. AVX2
+        # only: not measured with AVX-512's tiles.
         row_pad = _row_padding(m, n, lanes, k_len) if lanes == 8 and _weight_read(stmt) is not None else None
         if row_pad is not None:
             sch.pad_einsum(sch.get_sblock(name), [1] * (len(stmt.iter_vars) - 3) + [row_pad, 1, 1])
             m = -(-m // row_pad) * row_pad
             nr, vw, mr, mc_tiles = matmul_tiles(m, n, lanes, k_len)
             for padded_input in sch.get_producers(sch.get_sblock(name)):
-                loops = sch.get_loops(padded_input)
-                sch.parallel(sch.fuse(*loops[:-1]))
-                sch.vectorize(loops[-1])
+                _parallel_copy(sch, padded_input)
         # A weight shared by every row (a Linear's [K, N] after the lifted transpose) is copied, per
         # parallel task, into a contiguous K x NR panel. Read in place, each k step of a column
         # panel is N floats (a page or more for N >= 1280) from the last: at N = 5120 or 10240 the
@@ -275,9 +287,7 @@ class Matmul(dlight.ScheduleRule):
         else:  # (inlined into the write-back, the copy lost its row bound and wrote past the output)
             crop = sch.get_consumers(writeback)[0]
             _inline_consumers(sch, crop)
-            loops = sch.get_loops(crop)
-            sch.parallel(sch.fuse(*loops[:-1]))
-            sch.vectorize(loops[-1])
+            _parallel_copy(sch, crop)
 
         loops = sch.get_loops(block)
         batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
@@ -560,17 +570,13 @@ class Conv2d(dlight.ScheduleRule):
         sch.vectorize(sch.get_loops(writeback)[-1])
         if copy is not None:  # parallel over (n, row, channel), vectorized along the row
             sch.transform_layout(copy, ("write", 0), lambda n, c, y, x: (n, y, c, x))
-            loops = sch.get_loops(copy)
-            sch.parallel(sch.fuse(*loops[:-1]))
-            sch.vectorize(loops[-1])
+            _parallel_copy(sch, copy)
         if pad is not None:  # the padding copy: parallel over (n, c, row), vectorized along the row
             # ... written as [N, H, C, W]: a task's input rows for every channel are then one
             # contiguous range, not C planes apart. In NCHW a 1920-channel 32x32 input is 9 MB, a
             # task touched a page per channel, and the conv ran at 81 GFLOP/s (153 in this layout).
             sch.transform_layout(sch.get_sblock(pad), ("write", 0), lambda n, c, y, x: (n, y, c, x))
-            loops = sch.get_loops(sch.get_sblock(pad))
-            sch.parallel(sch.fuse(*loops[:-1]))
-            sch.vectorize(loops[-1])
+            _parallel_copy(sch, sch.get_sblock(pad))
         return sch
 
 
