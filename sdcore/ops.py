@@ -75,3 +75,45 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
     probs = op.softmax(scores, axis=-1).astype(dtype)
     out = op.matmul(probs, v)  # [B, H, N, D]
     return op.reshape(op.permute_dims(out, (0, 2, 1, 3)), (b, n, c))  # [B, N, C]
+
+
+# Winograd F(2x2, 3x3) on the CPU (sdcore/schedule/winograd.py) for convolutions with at least this
+# many 2x2 output tiles (batch x tile rows x tiles per row) and V = [16, tiles, C] floats at most
+# WINOGRAD_MAX_BYTES; others stay direct convolutions (sdcore.schedule.cpu.Conv2d).
+WINOGRAD_MIN_TILES = 128
+WINOGRAD_MAX_BYTES = 256 << 20
+
+
+class Conv2D(nn.Conv2D):
+    """nn.Conv2D (same parameters) whose 3x3, stride-1, padding-1 float32 convolutions run as
+    Winograd F(2x2, 3x3) on the CPU where the image is large enough (WINOGRAD_MIN_TILES)."""
+
+    def winograd(self, x: nn.Tensor) -> bool:
+        from sdcore.schedule.winograd import tiles
+
+        lanes = cpu_vector_lanes()
+        if not (cpu_kernels() and x.dtype == "float32" and self.bias is not None
+                and list(self.kernel_size) == [3, 3] and self.stride == 1 and self.padding == 1
+                and self.dilation == 1 and self.groups == 1 and all(isinstance(s, int) for s in x.shape)):
+            return False
+        n, c, h, w = x.shape
+        t_all = tiles(n, h, w)[2]
+        return (c % lanes == 0 and self.out_channels % lanes == 0 and t_all >= WINOGRAD_MIN_TILES
+                and 16 * t_all * c * 4 <= WINOGRAD_MAX_BYTES)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        if not self.winograd(x):
+            return super().forward(x)
+        from sdcore.schedule import winograd
+
+        n, c, h, w = x.shape
+        k = self.out_channels
+        t_all = winograd.tiles(n, h, w)[2]
+        lanes = cpu_vector_lanes()
+        u = op.tensor_ir_op(winograd.weight_transform(k, c), "winograd_weight", [self.weight],
+                            out=nn.Tensor.placeholder((16, c, k), "float32"))  # [16, C, K], lifted to load time
+        v = op.tensor_ir_op(winograd.input_transform(n, c, h, w, lanes), "winograd_input", [x],
+                            out=nn.Tensor.placeholder((16, t_all, c), "float32"))  # [16, T, C]
+        m = op.matmul(v, u)  # [16, T, K]
+        return op.tensor_ir_op(winograd.output_transform(n, k, h, w, lanes), "winograd_output", [m, self.bias],
+                               out=nn.Tensor.placeholder((n, k, h, w), "float32"))

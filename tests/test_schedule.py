@@ -17,6 +17,7 @@ import pytest
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from sdcore import ops
 from sdcore.compile import build
 from sdcore.ops import attention
 from sdcore.schedule.cpu import _PANEL_BYTES, _packed_row_tiles, matmul_tiles
@@ -219,6 +220,76 @@ def test_linear_avx2_rows_padded(tmp_path, batch, m, k, n):
     copy that also applies the bias and GELU."""
     x = np.random.default_rng(6).standard_normal((batch, m, k)).astype("float32")
     _haswell_vs_unscheduled(_Linear(k, n), x, tmp_path, "matmul", "_pad")
+
+
+class _Conv3x3(nn.Module):
+    def __init__(self, c, o):
+        self.conv = ops.Conv2D(c, o, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _conv3x3_float64(x, w, b):
+    """3x3 cross-correlation with zero padding 1 in float64 numpy; x [N, C, H, W], w [O, C, 3, 3]."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    patches = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # [N, C, H, W, 3, 3]
+    return np.einsum("nchwrs,ocrs->nohw", patches, w.astype(np.float64)) + b[None, :, None, None]
+
+
+@pytest.mark.parametrize("batch,c,o,h,w,cpu", [
+    (2, 16, 32, 16, 16, "host"),     # 2 x 8 x 8 tiles
+    (1, 16, 32, 9, 13, "host"),      # odd sizes: the last tile row and column half outside
+    (1, 256, 256, 8, 8, "host"),     # 256 x 256 per position: the batched GEMM packs U[p] in panels
+    (2, 16, 24, 10, 12, "haswell"),  # AVX2's 8-channel blocks (24 channels: 3 of them)
+])
+def test_winograd_conv_against_float64(tmp_path, monkeypatch, batch, c, o, h, w, cpu):
+    """sdcore.ops.Conv2D's Winograd F(2x2, 3x3) path (forced on for small images) against a float64
+    convolution; the weight transform is lifted to load time as in the pipeline."""
+    from tvm.target import Target
+
+    from sdcore.schedule import winograd
+
+    if cpu == "haswell" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("builds for an x86 AVX2 CPU")
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
+    used = []
+    real = winograd.input_transform
+    monkeypatch.setattr(winograd, "input_transform", lambda *a: used.append(a) or real(*a))
+    target = Target(_HASWELL) if cpu == "haswell" else "llvm"
+    x = np.random.default_rng(7).standard_normal((batch, c, h, w)).astype("float32")
+    cm = build(_Conv3x3(c, o), {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}, name="winograd-test",
+               target=target, cache_dir=tmp_path, use_cache=False)
+    assert used, "the Winograd path was not taken"
+    rng = np.random.default_rng(8)
+    weight = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype("float32")
+    bias = rng.standard_normal(o).astype("float32")
+    cm.set_params({"conv.weight": weight, "conv.bias": bias})
+    _close(cm.forward(x), _conv3x3_float64(x, weight, bias), rtol=1e-5)
+
+
+def test_winograd_only_where_it_applies():
+    """Direct convolution for what F(2x2, 3x3) does not cover or does not pay for."""
+    from tvm.relax.frontend.nn.core import Tensor
+
+    def takes(c, o, shape, **kw):
+        conv = ops.Conv2D(c, o, kw.pop("kernel", 3), padding=kw.pop("padding", 1), stride=kw.pop("stride", 1))
+        with ops.kernels_for(_target("llvm")):
+            return conv.winograd(Tensor.placeholder(shape, "float32"))
+
+    assert takes(320, 320, (2, 320, 64, 64))
+    assert takes(1280, 1280, (2, 1280, 16, 16))             # 128 tiles
+    assert not takes(1280, 1280, (2, 1280, 8, 8))           # 32 tiles: the transforms do not pay
+    assert not takes(128, 128, (1, 128, 512, 512))          # V would be 512 MiB
+    assert not takes(320, 320, (2, 320, 64, 64), stride=2)
+    assert not takes(320, 320, (2, 320, 64, 64), kernel=1, padding=0)
+    assert not takes(4, 320, (2, 4, 64, 64))                # channels not a multiple of the vector
+
+
+def _target(name):
+    from sdcore.compile import make_target
+
+    return make_target(name)
 
 
 def test_softmax_sigmoid_fast_exp(tmp_path):

@@ -7,7 +7,7 @@ tests of its constants.
 `--conv C,O,HW[,BATCH]` is a 3x3 convolution (padding 1) from C to O channels on HW x HW images,
 `--linear B,M,K,N` a Linear from K to N features on [B, M, K]. Every variant is built in this
 process (sdcore's default schedule as "sdcore", plus each `--variant NAME:ATTR=VALUE[,ATTR=VALUE]`,
-which sets module constants of sdcore.schedule.cpu while it builds), each checked against PyTorch,
+which sets module constants of sdcore.schedule.cpu or sdcore.ops while it builds), each checked against PyTorch,
 then all are called in turn, PyTorch among them, `--runs` times; the table gives the minimum, its
 GFLOP/s and its ratio to PyTorch's minimum. Not a test: times on shared machines drift, compare the
 ratios of one run.
@@ -52,9 +52,11 @@ def _ints(text: str, count, what: str) -> list[int]:
 def _modules():
     from tvm.relax.frontend import nn
 
+    from sdcore import ops
+
     class Conv(nn.Module):
         def __init__(self, c, o):
-            self.conv = nn.Conv2D(c, o, 3, padding=1)
+            self.conv = ops.Conv2D(c, o, 3, padding=1)
 
         def forward(self, x):
             return self.conv(x)
@@ -116,13 +118,17 @@ def main(argv=None) -> int:
     import torch
     from tvm.relax.frontend import nn
 
-    import sdcore.schedule.cpu as rules
+    import sdcore.ops
+    import sdcore.schedule.cpu
     from sdcore.compile import build, set_threads
+
+    def home(attr):  # the module a variant's constant lives in
+        return next((m for m in (sdcore.schedule.cpu, sdcore.ops) if hasattr(m, attr)), None)
 
     for _, values in variants:
         for attr in values:
-            if not hasattr(rules, attr):
-                parser.error(f"sdcore.schedule.cpu has no {attr}")
+            if home(attr) is None:
+                parser.error(f"neither sdcore.schedule.cpu nor sdcore.ops has {attr}")
     torch.set_num_threads(args.threads)
     set_threads(args.threads)
 
@@ -135,15 +141,15 @@ def main(argv=None) -> int:
         ref = torch_fn(tx).numpy()
         calls = {}
         for name, values in variants:
-            saved = {attr: getattr(rules, attr) for attr in values}
+            saved = {attr: getattr(home(attr), attr) for attr in values}
             try:
                 for attr, value in values.items():
-                    setattr(rules, attr, value)
+                    setattr(home(attr), attr, value)
                 model = build(factory(), {"forward": {"x": nn.spec.Tensor(shape, "float32")}}, name="bench-ops",
                               use_cache=False)
             finally:
                 for attr, value in saved.items():
-                    setattr(rules, attr, value)
+                    setattr(home(attr), attr, value)
             model.set_params(params)
             err = float(np.abs(model.forward(x) - ref).max() / np.abs(ref).max())
             if err > 1e-4:

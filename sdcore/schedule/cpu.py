@@ -213,12 +213,24 @@ def _packed_row_tiles(tiles: int, mr: int, panels: int) -> int:
     return divisors[-1]
 
 
-def _weight_read(stmt) -> int | None:
-    """The index of the read B[k, j] of a 2-D operand shared by every row (a Linear weight), if any."""
+_BATCHED_PANEL_BYTES = 256 * 1024  # a batched B[b, k, j] is packed like a weight from this size per item
+
+
+def _weight_read(stmt, batched: bool = False) -> int | None:
+    """The index of the read B[k, j] of a 2-D operand shared by every row (a Linear weight), if
+    any; with `batched`, also of a B[b..., k, j] with one K x N matrix (of >= _BATCHED_PANEL_BYTES)
+    per batch item (the 16 transformed weights of a Winograd convolution)."""
     j_var, k_var = (it.var for it in stmt.iter_vars[-2:])
+    batch = [it.var for it in stmt.iter_vars[:-3]]
     for index, region in enumerate(stmt.reads):
         idx = _index_vars([r.min for r in region.region])
-        if len(idx) == 2 and all(v is not None and v.same_as(w) for v, w in zip(idx, (k_var, j_var))):
+        if len(idx) < 2 or not all(v is not None and v.same_as(w) for v, w in zip(idx[-2:], (k_var, j_var))):
+            continue
+        if len(idx) == 2:
+            return index
+        extents = [int(e) for e in region.source.shape[-2:] if isinstance(e, tirx.IntImm)]
+        if (batched and len(extents) == 2 and extents[0] * extents[1] * 4 >= _BATCHED_PANEL_BYTES
+                and all(v is not None and any(v.same_as(b) for b in batch) for v in idx[:-2])):
             return index
     return None
 
@@ -278,7 +290,7 @@ class Matmul(dlight.ScheduleRule):
         # parallel task, into a contiguous K x NR panel. Read in place, each k step of a column
         # panel is N floats (a page or more for N >= 1280) from the last: at N = 5120 or 10240 the
         # panel's rows alias to a few cache sets and miss the TLB, and wide GEMMs ran at ~20 GFLOP/s.
-        weight = _weight_read(sch.get(sch.get_sblock(name)))
+        weight = _weight_read(sch.get(sch.get_sblock(name)), batched=True)
         pack = weight is not None and n > nr
         block = sch.get_sblock(name)
         writeback = sch.cache_write(block, 0, "local")

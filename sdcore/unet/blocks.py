@@ -20,7 +20,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.core import wrap_nested
 
-from sdcore.ops import attention
+from sdcore.ops import Conv2D, attention
 
 if TYPE_CHECKING:
     from sdcore.tome.patch import ToMeInfo
@@ -84,11 +84,11 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
-        self.conv1 = nn.Conv2D(in_channels, out_channels, 3, padding=1, dtype=dtype)
+        self.conv1 = Conv2D(in_channels, out_channels, 3, padding=1, dtype=dtype)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels, dtype=dtype)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
         # dropout: no weights, identity at inference
-        self.conv2 = nn.Conv2D(out_channels, out_channels, 3, padding=1, dtype=dtype)
+        self.conv2 = Conv2D(out_channels, out_channels, 3, padding=1, dtype=dtype)
         self.conv_shortcut = (nn.Conv2D(in_channels, out_channels, 1, dtype=dtype)
                               if in_channels != out_channels else None)
 
@@ -134,7 +134,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, dtype: str = "float32"):
         super().__init__()
-        self.conv = nn.Conv2D(channels, channels, 3, padding=1, dtype=dtype)
+        self.conv = Conv2D(channels, channels, 3, padding=1, dtype=dtype)
 
     def forward(self, hidden_states: nn.Tensor, output_size: tuple[int, int] | None = None) -> nn.Tensor:
         _, _, h, w = hidden_states.shape

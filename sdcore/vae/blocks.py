@@ -15,7 +15,7 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from sdcore.ops import attention, cpu_kernels
+from sdcore.ops import Conv2D, attention, cpu_kernels
 from sdcore.schedule.groupnorm import LANES as GROUP_NORM_LANES
 from sdcore.schedule.groupnorm import group_norm_kernel
 from sdcore.unet.blocks import Downsample2D
@@ -70,10 +70,10 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, dtype: str):
         self.norm1 = GroupNorm(groups, in_channels, GROUP_NORM_EPS, dtype)
-        self.conv1 = nn.Conv2D(in_channels, out_channels, 3, padding=1, dtype=dtype)
+        self.conv1 = Conv2D(in_channels, out_channels, 3, padding=1, dtype=dtype)
         self.norm2 = GroupNorm(groups, out_channels, GROUP_NORM_EPS, dtype)
         # dropout: no weights (identity at inference).
-        self.conv2 = nn.Conv2D(out_channels, out_channels, 3, padding=1, dtype=dtype)
+        self.conv2 = Conv2D(out_channels, out_channels, 3, padding=1, dtype=dtype)
         self.conv_shortcut = (nn.Conv2D(in_channels, out_channels, 1, dtype=dtype)
                               if in_channels != out_channels else None)
 
@@ -89,7 +89,7 @@ class Upsample2D(nn.Module):
     """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
 
     def __init__(self, channels: int, dtype: str):
-        self.conv = nn.Conv2D(channels, channels, 3, padding=1, dtype=dtype)
+        self.conv = Conv2D(channels, channels, 3, padding=1, dtype=dtype)
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
         b, c, h, w = hidden_states.shape

@@ -1,0 +1,152 @@
+"""Winograd F(2x2, 3x3) convolution for the CPU: a 3x3, stride-1, padding-1 convolution in 2.25x
+fewer multiplies.
+
+Each 2x2 block of outputs ("tile") is computed from the 4x4 input patch around it (Lavin & Gray 2016):
+
+    Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A     for every (input channel, output channel), summed over input channels
+
+so a convolution becomes three steps, which sdcore.ops.Conv2D chains in the graph:
+
+1. `input_transform`: V[p, t, c] = (Bᵀ d B)[p] for the 16 positions p of every tile t and channel c.
+2. one batched GEMM per position, M[p] = V[p] @ U[p] ([T, C] @ [C, K]): relax's matmul, scheduled by
+   sdcore's Matmul rule (16 x T x C x K multiply-adds instead of 36 x T x C x K).
+3. `output_transform`: y = Aᵀ M A + bias, written back as NCHW.
+
+U = G g Gᵀ (`weight_transform`) depends on the weights only, so compile.build lifts it into the
+load-time transform: U takes 16/9 of the weight's memory (the untransformed weight is dropped).
+
+Layouts: V and M keep channels innermost (a GEMM row is contiguous); the image is NCHW. The two
+transform kernels therefore transpose through a small per-task buffer with channels innermost
+(`lanes` channels per task), so every transform is vector arithmetic on contiguous channel vectors.
+Both are written already scheduled (parallel over tile rows x channel blocks, vectorized over the
+channel block) and marked `tirx.is_scheduled`, like sdcore.schedule.attention.
+
+Transforms (F(2, 3), cross-correlation as in PyTorch):
+    Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+    G  = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+    Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+
+def tiles(n: int, h: int, w: int) -> tuple[int, int, int]:
+    """(tile rows per image, tiles per row, tiles in all): 2x2 output tiles, the last row/column
+    of an odd size half used."""
+    th, tw = -(-h // 2), -(-w // 2)
+    return th, tw, n * th * tw
+
+
+@functools.lru_cache(maxsize=None)
+def weight_transform(k: int, c: int) -> tirx.PrimFunc:
+    """w [k, c, 3, 3] -> U [16, c, k], U[4a + b] = (G g Gᵀ)[a, b]."""
+
+    @T.prim_func(private=True, check_well_formed=False)  # (the root block)
+    def winograd_weight(w: T.Buffer((k, c, 3, 3), "float32"), u: T.Buffer((16, c, k), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):  # (a root block: relax reads a one-input PrimFunc for a reshape pattern)
+            for ci in T.parallel(c):
+                g = T.decl_buffer((4, 3), "float32", scope="local")  # G g, rows of the 4x3 product
+                for ko in range(k):
+                    for s in range(3):
+                        g[0, s] = w[ko, ci, 0, s]
+                        g[1, s] = (w[ko, ci, 0, s] + w[ko, ci, 1, s] + w[ko, ci, 2, s]) * T.float32(0.5)
+                        g[2, s] = (w[ko, ci, 0, s] - w[ko, ci, 1, s] + w[ko, ci, 2, s]) * T.float32(0.5)
+                        g[3, s] = w[ko, ci, 2, s]
+                    for a in range(4):
+                        u[4 * a + 0, ci, ko] = g[a, 0]
+                        u[4 * a + 1, ci, ko] = (g[a, 0] + g[a, 1] + g[a, 2]) * T.float32(0.5)
+                        u[4 * a + 2, ci, ko] = (g[a, 0] - g[a, 1] + g[a, 2]) * T.float32(0.5)
+                        u[4 * a + 3, ci, ko] = g[a, 2]
+
+    return winograd_weight
+
+
+@functools.lru_cache(maxsize=None)
+def input_transform(n: int, c: int, h: int, w: int, lanes: int) -> tirx.PrimFunc:
+    """x [n, c, h, w] -> V [16, T, c], V[4a + b, t, ci] = (Bᵀ d B)[a, b] for the 4x4 patch d of
+    channel ci around tile t (rows 2ty-1 .. 2ty+2, zero outside the image). `c % lanes == 0`."""
+    th, tw, t_all = tiles(n, h, w)
+    cb = lanes
+    blocks = c // cb
+    wp = 2 * tw + 2  # the patch columns of a tile row: one zero column left, one or two right
+
+    @T.prim_func(private=True, check_well_formed=False)  # (the root block)
+    def winograd_input(x: T.Buffer((n, c, h, w), "float32"), v: T.Buffer((16, t_all, c), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):  # (a root block: relax reads a one-input PrimFunc for a reshape pattern)
+            for task in T.parallel(n * th * blocks):
+                row = T.meta_var(task // blocks)  # tile row over all images
+                img = T.meta_var(row // th)
+                ty = T.meta_var(row % th)
+                ch = T.meta_var((task % blocks) * cb)
+                d = T.decl_buffer((4, wp, cb), "float32")  # the 4 input rows, channels innermost
+                e = T.decl_buffer((4, wp, cb), "float32")  # Bᵀ d: the rows combined
+                for a in range(4):
+                    for j in range(wp):
+                        for ci in T.vectorized(cb):
+                            d[a, j, ci] = T.float32(0)
+                    y = T.meta_var(2 * ty - 1 + a)
+                    if 0 <= y and y < h:
+                        for ci in range(cb):
+                            for j in range(w):
+                                d[a, j + 1, ci] = x[img, ch + ci, y, j]
+                for j in range(wp):
+                    for ci in T.vectorized(cb):
+                        e[0, j, ci] = d[0, j, ci] - d[2, j, ci]
+                        e[1, j, ci] = d[1, j, ci] + d[2, j, ci]
+                        e[2, j, ci] = d[2, j, ci] - d[1, j, ci]
+                        e[3, j, ci] = d[1, j, ci] - d[3, j, ci]
+                for tx in range(tw):
+                    t = T.meta_var(row * tw + tx)
+                    for a in range(4):
+                        for ci in T.vectorized(cb):
+                            v[4 * a + 0, t, ch + ci] = e[a, 2 * tx, ci] - e[a, 2 * tx + 2, ci]
+                            v[4 * a + 1, t, ch + ci] = e[a, 2 * tx + 1, ci] + e[a, 2 * tx + 2, ci]
+                            v[4 * a + 2, t, ch + ci] = e[a, 2 * tx + 2, ci] - e[a, 2 * tx + 1, ci]
+                            v[4 * a + 3, t, ch + ci] = e[a, 2 * tx + 1, ci] - e[a, 2 * tx + 3, ci]
+
+    return winograd_input
+
+
+@functools.lru_cache(maxsize=None)
+def output_transform(n: int, k: int, h: int, w: int, lanes: int) -> tirx.PrimFunc:
+    """M [16, T, k], bias [k] -> y [n, k, h, w] = Aᵀ M A + bias per tile. `k % lanes == 0`."""
+    th, tw, t_all = tiles(n, h, w)
+    kb = lanes
+    blocks = k // kb
+
+    @T.prim_func(private=True, check_well_formed=False)  # (the root block)
+    def winograd_output(m: T.Buffer((16, t_all, k), "float32"), bias: T.Buffer((k,), "float32"),
+                        y: T.Buffer((n, k, h, w), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):  # (a root block: relax reads a one-input PrimFunc for a reshape pattern)
+            for task in T.parallel(n * th * blocks):
+                row = T.meta_var(task // blocks)
+                img = T.meta_var(row // th)
+                ty = T.meta_var(row % th)
+                ch = T.meta_var((task % blocks) * kb)
+                s = T.decl_buffer((2, 4, kb), "float32", scope="local")  # Aᵀ M: 2 rows x 4
+                o = T.decl_buffer((2, 2 * tw, kb), "float32")  # the tile row's 2 output rows, channels innermost
+                for tx in range(tw):
+                    t = T.meta_var(row * tw + tx)
+                    for b in T.unroll(4):
+                        for ki in T.vectorized(kb):
+                            s[0, b, ki] = m[b, t, ch + ki] + m[4 + b, t, ch + ki] + m[8 + b, t, ch + ki]
+                            s[1, b, ki] = m[4 + b, t, ch + ki] - m[8 + b, t, ch + ki] - m[12 + b, t, ch + ki]
+                    for a in T.unroll(2):
+                        for ki in T.vectorized(kb):
+                            o[a, 2 * tx, ki] = s[a, 0, ki] + s[a, 1, ki] + s[a, 2, ki] + bias[ch + ki]
+                            o[a, 2 * tx + 1, ki] = s[a, 1, ki] - s[a, 2, ki] - s[a, 3, ki] + bias[ch + ki]
+                for a in range(2):
+                    if 2 * ty + a < h:
+                        for ki in range(kb):
+                            for j in range(w):
+                                y[img, ch + ki, 2 * ty + a, j] = o[a, j, ki]
+
+    return winograd_output
