@@ -110,10 +110,10 @@ class Conv2D(nn.Conv2D):
         k = self.out_channels
         t_all = winograd.tiles(n, h, w)[2]
         lanes = cpu_vector_lanes()
-        u = op.tensor_ir_op(winograd.weight_transform(k, c), "winograd_weight", [self.weight],
-                            out=nn.Tensor.placeholder((16, c, k), "float32"))  # [16, C, K], lifted to load time
         v = op.tensor_ir_op(winograd.input_transform(n, c, h, w, lanes), "winograd_input", [x],
                             out=nn.Tensor.placeholder((16, t_all, c), "float32"))  # [16, T, C]
-        m = op.matmul(v, u)  # [16, T, K]
+        w_t = op.permute_dims(self.weight, (2, 3, 1, 0))  # [3, 3, C, K], lifted to load time
+        coef = nn.Tensor.from_const(winograd.u_coefficients())  # [16, 9]
+        m = op.tensor_expr_op(winograd.gemm, "winograd_gemm", [v, w_t, coef])  # [16, T, K]
         return op.tensor_ir_op(winograd.output_transform(n, k, h, w, lanes), "winograd_output", [m, self.bias],
                                out=nn.Tensor.placeholder((n, k, h, w), "float32"))

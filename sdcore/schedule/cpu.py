@@ -213,26 +213,17 @@ def _packed_row_tiles(tiles: int, mr: int, panels: int) -> int:
     return divisors[-1]
 
 
-_BATCHED_PANEL_BYTES = 256 * 1024  # a batched B[b, k, j] is packed like a weight from this size per item
-
-
-def _weight_read(stmt, batched: bool = False) -> int | None:
-    """The index of the read B[k, j] of a 2-D operand shared by every row (a Linear weight), if
-    any; with `batched`, also of a B[b..., k, j] with one K x N matrix (of >= _BATCHED_PANEL_BYTES)
-    per batch item (the 16 transformed weights of a Winograd convolution)."""
+def _weight_read(stmt) -> int | None:
+    """The index of the read B[k, j] of a 2-D operand shared by every row (a Linear weight), if any."""
     j_var, k_var = (it.var for it in stmt.iter_vars[-2:])
-    batch = [it.var for it in stmt.iter_vars[:-3]]
     for index, region in enumerate(stmt.reads):
         idx = _index_vars([r.min for r in region.region])
-        if len(idx) < 2 or not all(v is not None and v.same_as(w) for v, w in zip(idx[-2:], (k_var, j_var))):
-            continue
-        if len(idx) == 2:
-            return index
-        extents = [int(e) for e in region.source.shape[-2:] if isinstance(e, tirx.IntImm)]
-        if (batched and len(extents) == 2 and extents[0] * extents[1] * 4 >= _BATCHED_PANEL_BYTES
-                and all(v is not None and any(v.same_as(b) for b in batch) for v in idx[:-2])):
+        if len(idx) == 2 and all(v is not None and v.same_as(w) for v, w in zip(idx, (k_var, j_var))):
             return index
     return None
+
+
+WINOGRAD_U = "winograd_u"  # the block computing U in sdcore.schedule.winograd.gemm
 
 
 class Matmul(dlight.ScheduleRule):
@@ -269,7 +260,9 @@ class Matmul(dlight.ScheduleRule):
         m, n, k_len = (int(it.dom.extent) for it in stmt.iter_vars[-3:])
 
         name = stmt.name_hint
-        _inline_producers(sch, keep={name})
+        # a Winograd GEMM computes its B (U = G g Gᵀ) per task from the weight (see below)
+        u_block = next((b for b in sch.get_producers(main.block_rv) if sch.get(b).name_hint == WINOGRAD_U), None)
+        _inline_producers(sch, keep={name, WINOGRAD_U})
         lanes = vector_lanes(target)
         nr, vw, mr, mc_tiles = matmul_tiles(m, n, lanes, k_len)
         # A Linear whose rows have no good divisor (77 text tokens per prompt: on AVX2 the tile is 1
@@ -290,8 +283,8 @@ class Matmul(dlight.ScheduleRule):
         # parallel task, into a contiguous K x NR panel. Read in place, each k step of a column
         # panel is N floats (a page or more for N >= 1280) from the last: at N = 5120 or 10240 the
         # panel's rows alias to a few cache sets and miss the TLB, and wide GEMMs ran at ~20 GFLOP/s.
-        weight = _weight_read(sch.get(sch.get_sblock(name)), batched=True)
-        pack = weight is not None and n > nr
+        weight = _weight_read(sch.get(sch.get_sblock(name)))
+        pack = weight is not None and n > nr and u_block is None
         block = sch.get_sblock(name)
         writeback = sch.cache_write(block, 0, "local")
         if row_pad is None:
@@ -307,13 +300,14 @@ class Matmul(dlight.ScheduleRule):
         # batch x M row loop, the row index needed a div/mod per A read, and 2x4096x320 @ 320x2560
         # ran at 53 GFLOP/s against 113 unfused (1 thread).
         rows = m
-        if pack:
+        if pack or u_block is not None:
             mc_tiles = _packed_row_tiles(-(-rows // mr), mr, n // nr)
         i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
         j_o, j_v, j_l = sch.split(j, [None, nr // vw, vw])
-        if row_pad is not None and pack:
+        if (row_pad is not None and pack) or u_block is not None:
             # batch items inside the task: one panel copy serves both prompts (10-15% on the text
-            # encoder's Linears), where the copy is amortized over only 78 rows per item
+            # encoder's Linears), where the copy is amortized over only 78 rows per item; and one
+            # pass over a Winograd weight panel computes U for all 16 positions (below)
             sch.reorder(i_o, j_o, *batch, i_t, k, i_r, j_v, j_l)
             task = sch.fuse(i_o, j_o)
         else:
@@ -324,6 +318,17 @@ class Matmul(dlight.ScheduleRule):
             panel = sch.cache_read(block, weight, "global")
             sch.compute_at(panel, task, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(panel)[-1])
+        if u_block is not None:
+            # The task's 16 x K x NR panel of U, computed where a Linear's weight panel is copied:
+            # per input channel, the [3, 3, NR] weights (contiguous along the panel's columns) give
+            # all 16 positions (9 FMAs each), so the weight is read once per task. Per position
+            # instead, it was read 16 times, from beyond the L2 (1280 -> 1280 at 16x16, 1 thread:
+            # 167 ms for the GEMM, of which ~50 ms U; with a precomputed U 114 ms).
+            u_block = sch.get_sblock(WINOGRAD_U)
+            sch.compute_at(u_block, task, preserve_unit_loops=True)
+            u_p, u_c, u_j = sch.get_loops(u_block)[-3:]
+            sch.reorder(u_c, u_p, u_j)
+            sch.vectorize(sch.split(u_j, [None, vw])[1])
         sch.reverse_compute_at(writeback, i_t, preserve_unit_loops=True)
         sch.unroll(i_r)
         sch.unroll(j_v)

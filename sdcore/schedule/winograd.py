@@ -8,12 +8,12 @@ Each 2x2 block of outputs ("tile") is computed from the 4x4 input patch around i
 so a convolution becomes three steps, which sdcore.ops.Conv2D chains in the graph:
 
 1. `input_transform`: V[p, t, c] = (Bᵀ d B)[p] for the 16 positions p of every tile t and channel c.
-2. one batched GEMM per position, M[p] = V[p] @ U[p] ([T, C] @ [C, K]): relax's matmul, scheduled by
-   sdcore's Matmul rule (16 x T x C x K multiply-adds instead of 36 x T x C x K).
+2. `gemm`: one GEMM per position, M[p] = V[p] @ U[p] ([T, C] @ [C, K]; 16 x T x C x K multiply-adds
+   instead of 36 x T x C x K), scheduled by sdcore's Matmul rule. U = G g Gᵀ is computed inside it,
+   per task, for the task's panel of output channels, from the weight transposed at load time to
+   [3, 3, C, K]: a stored U would take 16/9 of the weight's memory (+0.85 GB for SD1.5's UNet),
+   computing a panel costs 9 FMAs per U value against the >= 128 rows of V that use it.
 3. `output_transform`: y = Aᵀ M A + bias, written back as NCHW.
-
-U = G g Gᵀ (`weight_transform`) depends on the weights only, so compile.build lifts it into the
-load-time transform: U takes 16/9 of the weight's memory (the untransformed weight is dropped).
 
 Layouts: V and M keep channels innermost (a GEMM row is contiguous); the image is NCHW. The two
 transform kernels therefore transpose through a small per-task buffer with channels innermost
@@ -31,8 +31,12 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from tvm import tirx
 from tvm.script import tirx as T
+
+from .cpu import WINOGRAD_U
 
 
 def tiles(n: int, h: int, w: int) -> tuple[int, int, int]:
@@ -42,29 +46,31 @@ def tiles(n: int, h: int, w: int) -> tuple[int, int, int]:
     return th, tw, n * th * tw
 
 
-@functools.lru_cache(maxsize=None)
-def weight_transform(k: int, c: int) -> tirx.PrimFunc:
-    """w [k, c, 3, 3] -> U [16, c, k], U[4a + b] = (G g Gᵀ)[a, b]."""
+def u_coefficients() -> np.ndarray:
+    """[16, 9] float32: U[4a + b] = sum over (r, s) of G[a, r] G[b, s] g[r, s], by row 4a + b and column 3r + s."""
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    return np.einsum("ar,bs->abrs", g, g).reshape(16, 9).astype("float32")
 
-    @T.prim_func(private=True, check_well_formed=False)  # (the root block)
-    def winograd_weight(w: T.Buffer((k, c, 3, 3), "float32"), u: T.Buffer((16, c, k), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        with T.sblock("root"):  # (a root block: relax reads a one-input PrimFunc for a reshape pattern)
-            for ci in T.parallel(c):
-                g = T.decl_buffer((4, 3), "float32", scope="local")  # G g, rows of the 4x3 product
-                for ko in range(k):
-                    for s in range(3):
-                        g[0, s] = w[ko, ci, 0, s]
-                        g[1, s] = (w[ko, ci, 0, s] + w[ko, ci, 1, s] + w[ko, ci, 2, s]) * T.float32(0.5)
-                        g[2, s] = (w[ko, ci, 0, s] - w[ko, ci, 1, s] + w[ko, ci, 2, s]) * T.float32(0.5)
-                        g[3, s] = w[ko, ci, 2, s]
-                    for a in range(4):
-                        u[4 * a + 0, ci, ko] = g[a, 0]
-                        u[4 * a + 1, ci, ko] = (g[a, 0] + g[a, 1] + g[a, 2]) * T.float32(0.5)
-                        u[4 * a + 2, ci, ko] = (g[a, 0] - g[a, 1] + g[a, 2]) * T.float32(0.5)
-                        u[4 * a + 3, ci, ko] = g[a, 2]
 
-    return winograd_weight
+def gemm(v, w_t, coef):
+    """TE (for nn.op.tensor_expr_op): M[p, t, k] = sum_c V[p, t, c] U[p, c, k] for V [16, T, C],
+    the weight as w_t [3, 3, C, K] (the conv weight transposed at load time) and `u_coefficients()`.
+    U = G g Gᵀ is computed in the same kernel: sdcore's Matmul rule computes each task's K panel of
+    U[p] from w_t where a Linear's weight panel is copied, so U (16/9 of the weight) is never stored.
+    (The coefficients are an input, not constants selected by p: a select chain per value made the
+    panels cost 60% of the GEMM.)"""
+    from tvm import te
+
+    _, t_all, c = v.shape
+    k = w_t.shape[3]
+
+    def u_value(p, ci, ko):
+        terms = [coef[p, 3 * r + s] * w_t[r, s, ci, ko] for r in range(3) for s in range(3)]
+        return functools.reduce(lambda x, y: x + y, terms)
+
+    u = te.compute((16, c, k), u_value, name=WINOGRAD_U)
+    rc = te.reduce_axis((0, c), name="rc")
+    return te.compute((16, t_all, k), lambda p, t, ko: te.sum(v[p, t, rc] * u[p, rc, ko], axis=rc), name="matmul")
 
 
 @functools.lru_cache(maxsize=None)
