@@ -78,10 +78,13 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
 
 
 # Winograd F(2x2, 3x3) on the CPU (sdcore/schedule/winograd.py) for convolutions with at least this
-# many 2x2 output tiles (batch x tile rows x tiles per row) and V = [16, tiles, C] floats at most
-# WINOGRAD_MAX_BYTES; others stay direct convolutions (sdcore.schedule.cpu.Conv2d).
+# many 2x2 output tiles (batch x tile rows x tiles per row), and whose transformed input and output
+# (V [16, tiles, C] and M [16, tiles, K], the extra workspace) take at most WINOGRAD_MAX_BYTES;
+# others stay direct convolutions (sdcore.schedule.cpu.Conv2d). The cap keeps the memory peak of a
+# txt2img run where it was: the VAE's 512 -> 512 convs at 128x128 (268 MB of V and M) raised it
+# by ~240 MB; SD1.5's largest UNet case, 960 -> 320 at 64x64, takes 168 MB.
 WINOGRAD_MIN_TILES = 128
-WINOGRAD_MAX_BYTES = 256 << 20
+WINOGRAD_MAX_BYTES = 192 << 20
 
 
 class Conv2D(nn.Conv2D):
@@ -99,7 +102,7 @@ class Conv2D(nn.Conv2D):
         n, c, h, w = x.shape
         t_all = tiles(n, h, w)[2]
         return (c % lanes == 0 and self.out_channels % lanes == 0 and t_all >= WINOGRAD_MIN_TILES
-                and 16 * t_all * c * 4 <= WINOGRAD_MAX_BYTES)
+                and 16 * t_all * (c + self.out_channels) * 4 <= WINOGRAD_MAX_BYTES)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         if not self.winograd(x):
@@ -112,8 +115,7 @@ class Conv2D(nn.Conv2D):
         lanes = cpu_vector_lanes()
         v = op.tensor_ir_op(winograd.input_transform(n, c, h, w, lanes), "winograd_input", [x],
                             out=nn.Tensor.placeholder((16, t_all, c), "float32"))  # [16, T, C]
-        w_t = op.permute_dims(self.weight, (2, 3, 1, 0))  # [3, 3, C, K], lifted to load time
         coef = nn.Tensor.from_const(winograd.u_coefficients())  # [16, 9]
-        m = op.tensor_expr_op(winograd.gemm, "winograd_gemm", [v, w_t, coef])  # [16, T, K]
+        m = op.tensor_expr_op(winograd.gemm, "winograd_gemm", [v, self.weight, coef])  # [16, T, K]
         return op.tensor_ir_op(winograd.output_transform(n, k, h, w, lanes), "winograd_output", [m, self.bias],
                                out=nn.Tensor.placeholder((n, k, h, w), "float32"))

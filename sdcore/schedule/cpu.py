@@ -320,12 +320,17 @@ class Matmul(dlight.ScheduleRule):
             sch.vectorize(sch.get_loops(panel)[-1])
         if u_block is not None:
             # The task's 16 x K x NR panel of U, computed where a Linear's weight panel is copied:
-            # per input channel, the [3, 3, NR] weights (contiguous along the panel's columns) give
-            # all 16 positions (9 FMAs each), so the weight is read once per task. Per position
-            # instead, it was read 16 times, from beyond the L2 (1280 -> 1280 at 16x16, 1 thread:
-            # 167 ms for the GEMM, of which ~50 ms U; with a precomputed U 114 ms).
+            # the NR output channels' weights ([NR, C, 3, 3], one contiguous range) are copied to
+            # [C, 3, 3, NR], then per input channel the 9 taps give all 16 positions (9 FMAs each,
+            # vectors along the panel's columns), so the weight is read once per task. Per position
+            # instead, it was read 16 times from beyond the L2 (1280 -> 1280 at 16x16, 1 thread: 167
+            # ms for the GEMM, ~50 of them U; 114 with a precomputed U).
             u_block = sch.get_sblock(WINOGRAD_U)
+            w_read = next(i for i, r in enumerate(sch.get(u_block).reads) if len(r.region) == 4)
+            w_panel = sch.cache_read(u_block, w_read, "global")
+            sch.transform_layout(w_panel, ("write", 0), lambda k, c, r, s: (c, r, s, k))
             sch.compute_at(u_block, task, preserve_unit_loops=True)
+            sch.compute_at(w_panel, task, preserve_unit_loops=True)
             u_p, u_c, u_j = sch.get_loops(u_block)[-3:]
             sch.reorder(u_c, u_p, u_j)
             sch.vectorize(sch.split(u_j, [None, vw])[1])

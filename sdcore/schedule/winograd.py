@@ -10,9 +10,9 @@ so a convolution becomes three steps, which sdcore.ops.Conv2D chains in the grap
 1. `input_transform`: V[p, t, c] = (Bᵀ d B)[p] for the 16 positions p of every tile t and channel c.
 2. `gemm`: one GEMM per position, M[p] = V[p] @ U[p] ([T, C] @ [C, K]; 16 x T x C x K multiply-adds
    instead of 36 x T x C x K), scheduled by sdcore's Matmul rule. U = G g Gᵀ is computed inside it,
-   per task, for the task's panel of output channels, from the weight transposed at load time to
-   [3, 3, C, K]: a stored U would take 16/9 of the weight's memory (+0.85 GB for SD1.5's UNet),
-   computing a panel costs 9 FMAs per U value against the >= 128 rows of V that use it.
+   per task, for the task's panel of output channels: a stored U would take 16/9 of the weight's
+   memory (+0.85 GB for SD1.5's UNet); a panel costs 9 FMAs per U value, against the >= 128 rows
+   of V that use it.
 3. `output_transform`: y = Aᵀ M A + bias, written back as NCHW.
 
 Layouts: V and M keep channels innermost (a GEMM row is contiguous); the image is NCHW. The two
@@ -52,20 +52,22 @@ def u_coefficients() -> np.ndarray:
     return np.einsum("ar,bs->abrs", g, g).reshape(16, 9).astype("float32")
 
 
-def gemm(v, w_t, coef):
+def gemm(v, weight, coef):
     """TE (for nn.op.tensor_expr_op): M[p, t, k] = sum_c V[p, t, c] U[p, c, k] for V [16, T, C],
-    the weight as w_t [3, 3, C, K] (the conv weight transposed at load time) and `u_coefficients()`.
-    U = G g Gᵀ is computed in the same kernel: sdcore's Matmul rule computes each task's K panel of
-    U[p] from w_t where a Linear's weight panel is copied, so U (16/9 of the weight) is never stored.
-    (The coefficients are an input, not constants selected by p: a select chain per value made the
-    panels cost 60% of the GEMM.)"""
+    the conv weight [K, C, 3, 3] and `u_coefficients()`. U = G g Gᵀ is computed in the same kernel:
+    sdcore's Matmul rule computes each task's K panel of U from the weight where a Linear's weight
+    panel is copied, so U (16/9 of the weight) is never stored, and the weight is not transposed at
+    load time either (the transposed copies of SD1.5's conv weights, next to the originals while
+    the load-time transform ran, raised the load's memory peak by ~1.1 GB). The coefficients are an
+    input, not constants selected by p: a select chain per value made the panels cost 60% of the GEMM.
+    """
     from tvm import te
 
     _, t_all, c = v.shape
-    k = w_t.shape[3]
+    k = weight.shape[0]
 
     def u_value(p, ci, ko):
-        terms = [coef[p, 3 * r + s] * w_t[r, s, ci, ko] for r in range(3) for s in range(3)]
+        terms = [coef[p, 3 * r + s] * weight[ko, ci, r, s] for r in range(3) for s in range(3)]
         return functools.reduce(lambda x, y: x + y, terms)
 
     u = te.compute((16, c, k), u_value, name=WINOGRAD_U)
