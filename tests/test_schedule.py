@@ -240,27 +240,32 @@ def _conv3x3_float64(x, w, b):
 @pytest.mark.parametrize("batch,c,o,h,w,cpu", [
     (2, 16, 32, 16, 16, "host"),     # 2 x 8 x 8 tiles
     (1, 16, 32, 9, 13, "host"),      # odd sizes: the last tile row and column half outside
-    (1, 256, 256, 8, 8, "host"),     # 256 x 256 per position: the batched GEMM packs U[p] in panels
+    (1, 256, 256, 8, 8, "host"),     # 256 channels: several panels of U, a 256-long reduction
     (2, 16, 24, 10, 12, "haswell"),  # AVX2's 8-channel blocks (24 channels: 3 of them)
+    (2, 32, 48, 16, 16, "avx512"),   # AVX-512's 16-channel blocks: run only on such a CPU
 ])
 def test_winograd_conv_against_float64(tmp_path, monkeypatch, batch, c, o, h, w, cpu):
     """sdcore.ops.Conv2D's Winograd F(2x2, 3x3) path (forced on for small images) against a float64
-    convolution; the weight transform is lifted to load time as in the pipeline."""
+    convolution: input transform, GEMM with U computed per task from the weight, output transform."""
     from tvm.target import Target
 
     from sdcore.schedule import winograd
 
-    if cpu == "haswell" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("builds for an x86 AVX2 CPU")
+    if cpu != "host" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("builds for an x86 CPU")
     monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
     used = []
     real = winograd.input_transform
     monkeypatch.setattr(winograd, "input_transform", lambda *a: used.append(a) or real(*a))
-    target = Target(_HASWELL) if cpu == "haswell" else "llvm"
+    target = {"host": "llvm", "haswell": Target(_HASWELL),
+              "avx512": Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})}[cpu]
     x = np.random.default_rng(7).standard_normal((batch, c, h, w)).astype("float32")
     cm = build(_Conv3x3(c, o), {"forward": {"x": nn.spec.Tensor(x.shape, "float32")}}, name="winograd-test",
                target=target, cache_dir=tmp_path, use_cache=False)
     assert used, "the Winograd path was not taken"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpu == "avx512" and "avx512f" not in (cpuinfo.read_text() if cpuinfo.exists() else ""):
+        pytest.skip("built for AVX-512 (every kernel scheduled and compiled); this CPU cannot run it")
     rng = np.random.default_rng(8)
     weight = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype("float32")
     bias = rng.standard_normal(o).astype("float32")
