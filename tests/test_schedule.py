@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -393,7 +394,6 @@ def test_bench_ops_tool_runs():
     (in a subprocess: it sets the process's thread counts)."""
     import subprocess
     import sys
-    from pathlib import Path
 
     pytest.importorskip("torch")
     tool = Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py"
@@ -414,7 +414,6 @@ def test_bench_ops_tool_bad_input(args, message):
     """A malformed shape or variant is one line on stderr and exit 2, before anything is built."""
     import subprocess
     import sys
-    from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py"
     out = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=300)
