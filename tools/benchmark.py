@@ -264,6 +264,15 @@ def bench_txt2img(preset_name: str, size: int, steps: int, threads: int, cache_d
                                 ["--steps", str(steps), "--threads", str(threads), "--cache-dir", cache_dir])
 
 
+def _child_env() -> dict:
+    """The subprocesses' environment: this checkout's sdcore first on the path, so the children
+    import the code being measured whichever checkout (if any) is pip-installed (an editable
+    install of another checkout made every txt2img child fail with "No module named 'sdcore'")."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 def run_txt2img_children(script: str, preset_name: str, size: int, log, extra_args: list[str]) -> dict:
     """Write a random-weight checkpoint of `preset_name` (diffusers folder, and converted for
     sdcore), then run `script --child SIDE --model-dir DIR --size SIZE extra_args...` for diffusers
@@ -273,13 +282,13 @@ def run_txt2img_children(script: str, preset_name: str, size: int, log, extra_ar
         src, model = Path(tmp) / "diffusers", Path(tmp) / "sdcore"
         for cmd in ([sys.executable, str(ROOT / "tools" / "make_random_checkpoint.py"), str(src), "--preset", preset_name],
                     [sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(src), "--output", str(model)]):
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_child_env())
             if done.returncode:
                 return {s: {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]} for s in ("sdcore", "diffusers")}
         for side, model_dir in (("diffusers", src), ("sdcore", model)):
             cmd = [sys.executable, script, "--child", side, "--model-dir", str(model_dir), "--size", str(size),
                    *extra_args]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_child_env())
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if done.returncode or not lines:
                 tail = (done.stderr.strip().splitlines() or ["failed"])[-1]
