@@ -324,7 +324,7 @@ class Matmul(dlight.ScheduleRule):
             # [C, 3, 3, NR], then per input channel the 9 taps give all 16 positions (9 FMAs each,
             # vectors along the panel's columns), so the weight is read once per task. Per position
             # instead, it was read 16 times from beyond the L2 (1280 -> 1280 at 16x16, 1 thread: 167
-            # ms for the GEMM, ~50 of them U; 114 with a precomputed U).
+            # ms for the GEMM, ~50 of them U; 114 with U cut to one term).
             u_block = sch.get_sblock(WINOGRAD_U)
             w_read = next(i for i, r in enumerate(sch.get(u_block).reads) if len(r.region) == 4)
             w_panel = sch.cache_read(u_block, w_read, "global")
