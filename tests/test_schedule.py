@@ -19,7 +19,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from sdcore import ops
-from sdcore.compile import build
+from sdcore.compile import build, make_target
 from sdcore.ops import attention
 from sdcore.schedule.cpu import _PANEL_BYTES, _packed_row_tiles, matmul_tiles
 
@@ -280,7 +280,7 @@ def test_winograd_only_where_it_applies():
 
     def takes(c, o, shape, **kw):
         conv = ops.Conv2D(c, o, kw.pop("kernel", 3), padding=kw.pop("padding", 1), stride=kw.pop("stride", 1))
-        with ops.kernels_for(_target("llvm")):
+        with ops.kernels_for(make_target("llvm")):
             return conv.winograd(Tensor.placeholder(shape, "float32"))
 
     assert takes(320, 320, (2, 320, 64, 64))
@@ -292,12 +292,6 @@ def test_winograd_only_where_it_applies():
     assert not takes(320, 320, (2, 320, 64, 64), stride=2)
     assert not takes(320, 320, (2, 320, 64, 64), kernel=1, padding=0)
     assert not takes(4, 320, (2, 4, 64, 64))                # channels not a multiple of the vector
-
-
-def _target(name):
-    from sdcore.compile import make_target
-
-    return make_target(name)
 
 
 def test_softmax_sigmoid_fast_exp(tmp_path):

@@ -278,17 +278,18 @@ def run_txt2img_children(script: str, preset_name: str, size: int, log, extra_ar
     sdcore), then run `script --child SIDE --model-dir DIR --size SIZE extra_args...` for diffusers
     and for sdcore, each in its own process: {side: the JSON of its RESULT line, or {"error": text}}."""
     res = {}
+    env = _child_env()
     with tempfile.TemporaryDirectory() as tmp:
         src, model = Path(tmp) / "diffusers", Path(tmp) / "sdcore"
         for cmd in ([sys.executable, str(ROOT / "tools" / "make_random_checkpoint.py"), str(src), "--preset", preset_name],
                     [sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(src), "--output", str(model)]):
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_child_env())
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if done.returncode:
                 return {s: {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]} for s in ("sdcore", "diffusers")}
         for side, model_dir in (("diffusers", src), ("sdcore", model)):
             cmd = [sys.executable, script, "--child", side, "--model-dir", str(model_dir), "--size", str(size),
                    *extra_args]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_child_env())
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if done.returncode or not lines:
                 tail = (done.stderr.strip().splitlines() or ["failed"])[-1]

@@ -261,7 +261,7 @@ class Matmul(dlight.ScheduleRule):
 
         name = stmt.name_hint
         # a Winograd GEMM computes its B (U = G g Gᵀ) per task from the weight (see below)
-        u_block = next((b for b in sch.get_producers(main.block_rv) if sch.get(b).name_hint == WINOGRAD_U), None)
+        winograd = any(sch.get(b).name_hint == WINOGRAD_U for b in sch.get_producers(main.block_rv))
         _inline_producers(sch, keep={name, WINOGRAD_U})
         lanes = vector_lanes(target)
         nr, vw, mr, mc_tiles = matmul_tiles(m, n, lanes, k_len)
@@ -284,7 +284,7 @@ class Matmul(dlight.ScheduleRule):
         # panel is N floats (a page or more for N >= 1280) from the last: at N = 5120 or 10240 the
         # panel's rows alias to a few cache sets and miss the TLB, and wide GEMMs ran at ~20 GFLOP/s.
         weight = _weight_read(sch.get(sch.get_sblock(name)))
-        pack = weight is not None and n > nr and u_block is None
+        pack = weight is not None and n > nr and not winograd
         block = sch.get_sblock(name)
         writeback = sch.cache_write(block, 0, "local")
         if row_pad is None:
@@ -300,11 +300,11 @@ class Matmul(dlight.ScheduleRule):
         # batch x M row loop, the row index needed a div/mod per A read, and 2x4096x320 @ 320x2560
         # ran at 53 GFLOP/s against 113 unfused (1 thread).
         rows = m
-        if pack or u_block is not None:
+        if pack or winograd:
             mc_tiles = _packed_row_tiles(-(-rows // mr), mr, n // nr)
         i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
         j_o, j_v, j_l = sch.split(j, [None, nr // vw, vw])
-        if (row_pad is not None and pack) or u_block is not None:
+        if (row_pad is not None and pack) or winograd:
             # batch items inside the task: one panel copy serves both prompts (10-15% on the text
             # encoder's Linears), where the copy is amortized over only 78 rows per item; and one
             # pass over a Winograd weight panel computes U for all 16 positions (below)
@@ -318,7 +318,7 @@ class Matmul(dlight.ScheduleRule):
             panel = sch.cache_read(block, weight, "global")
             sch.compute_at(panel, task, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(panel)[-1])
-        if u_block is not None:
+        if winograd:
             # The task's 16 x K x NR panel of U, computed where a Linear's weight panel is copied:
             # the NR output channels' weights ([NR, C, 3, 3], one contiguous range) are copied to
             # [C, 3, 3, NR], then per input channel the 9 taps give all 16 positions (9 FMAs each,
