@@ -97,6 +97,35 @@ def release_pooled_memory() -> None:
     import tvm_ffi
 
     tvm_ffi.get_global_func("vm.builtin.memory_manager.clear")()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; nothing elsewhere).
+
+    Weight tensors and activations are malloc'd. glibc serves blocks under its mmap threshold from
+    the heap, and that threshold rises to 32 MB once a larger block is freed, so after the weights
+    are bound (each read, copied and, for a Linear, transposed) hundreds of MB of freed blocks stay
+    resident: 534 MiB after binding SD1.5's UNet, measured. The pipeline calls this after binding
+    weights and between stages.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; musl has none
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 class CompiledModel:

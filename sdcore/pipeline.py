@@ -147,13 +147,17 @@ class StableDiffusion:
         return compiled
 
     def _bind(self, component: str, compiled) -> None:
+        from sdcore.compile import trim_heap
+
         state = self._weights(component)
         # a VAE built for one function holds only that half's weights
         compiled.set_params({name: state[name] for name in compiled.param_names if name in state})
+        del state
         if compiled.transforms:
             # the compiled model now holds its own prepared (transposed) weights: drop the loaded
             # copy; another shape of this network reads the file again
             self._params.pop(component, None)
+        trim_heap()  # what reading, copying and transposing the weights freed stays resident otherwise
 
     def text_encoder(self, clip_skip: int | None):
         from sdcore.clip.model import clip_spec
