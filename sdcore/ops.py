@@ -45,20 +45,23 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
     scores and softmax in float32 whatever the activations' dtype (diffusers' upcast_attention,
     needed by SD2.1-v in half precision).
 
-    Non-causal float32 attention with static shapes (every UNet and VAE attention) is one fused
-    kernel for the CPU (`sdcore.schedule.attention`): at 64x64 latents it never writes the
-    2 x 8 x 4096 x 4096 score matrix. The rest (CLIP's causal 77 tokens, other dtypes, every CUDA
-    build) is the plain graph below, which TVM's dlight rules schedule for the GPU.
+    float32 attention with static shapes (every UNet and VAE attention, CLIP's causal one) is one
+    fused kernel for the CPU (`sdcore.schedule.attention`): at 64x64 latents it never writes the
+    2 x 8 x 4096 x 4096 score matrix, and CLIP's 77 x 77 scores no longer take a GEMM tiled for
+    77 columns one scalar at a time (51 of the text encoder's 624 ms, batch 2, 1 thread). The rest
+    (other dtypes, every CUDA build) is the plain graph below, which TVM's dlight rules schedule for
+    the GPU.
     """
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
     dtype = q.dtype
-    if cpu_kernels() and not causal and dtype == "float32" and all(isinstance(x, int) for x in (b, n, m, c)):
+    if (cpu_kernels() and dtype == "float32" and all(isinstance(x, int) for x in (b, n, m, c))
+            and (not causal or n == m)):
         # One fused CPU kernel, no [B, H, N, M] score matrix and no permutes (sdcore/schedule/attention.py).
         from sdcore.schedule.attention import attention_kernel
 
-        func = attention_kernel(b, n, m, num_heads, d, 1.0 / d**0.5, cpu_vector_lanes())
+        func = attention_kernel(b, n, m, num_heads, d, 1.0 / d**0.5, cpu_vector_lanes(), causal)
         k_heads = op.permute_dims(op.reshape(k, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]
         v_heads = op.permute_dims(op.reshape(v, (b, m, num_heads, d)), (0, 2, 1, 3))  # [B, H, M, D]
         return op.tensor_ir_op(func, "fused_attention", [q, k_heads, v_heads],

@@ -111,7 +111,7 @@ class _CausalAttention(nn.Module):
 # The fused kernel (sdcore/schedule/attention.py) in both builds, so each is checked against numpy:
 # query counts that are and are not multiples of its 32-query block, key counts that are and are not
 # multiples of its 12-key tile (77: cross-attention), head widths 40/64/80/160 (SD1.5's and SD2.1's)
-# and 16; and the unfused causal path (CLIP).
+# and 16; and CLIP's causal attention (77 tokens, keys after the query masked).
 @pytest.mark.parametrize("n,m,heads,d", [(64, 64, 2, 40), (48, 77, 1, 16), (37, 70, 3, 80), (32, 24, 1, 64),
                                          (5, 100, 2, 160), (96, 96, 1, 40)])
 def test_attention_matches_numpy(tmp_path, n, m, heads, d):
@@ -127,10 +127,12 @@ def test_attention_matches_numpy(tmp_path, n, m, heads, d):
 
 
 @pytest.mark.parametrize("lanes", [8, 16])
-@pytest.mark.parametrize("n,m,heads,d", [(37, 77, 2, 40), (16, 30, 1, 80)])
-def test_attention_kernel_for_each_vector_width(n, m, heads, d, lanes):
+@pytest.mark.parametrize("n,m,heads,d,causal", [(37, 77, 2, 40, False), (16, 30, 1, 80, False),
+                                                (77, 77, 2, 64, True), (20, 20, 1, 8, True)])
+def test_attention_kernel_for_each_vector_width(n, m, heads, d, causal, lanes):
     """The kernel's tiles for AVX2 (8 lanes: 16 queries x 6 keys) and AVX-512 (16: 32 x 12), each
-    built on its own whatever this machine has, against numpy."""
+    built on its own whatever this machine has, against numpy; causal as CLIP's (77 tokens: the
+    last query block is partly past the end) and with fewer tokens than one query block."""
     import tvm
 
     from sdcore.schedule.attention import attention_kernel
@@ -141,12 +143,12 @@ def test_attention_kernel_for_each_vector_width(n, m, heads, d, lanes):
     v = rng.standard_normal((2, m, heads * d)).astype("float32")
     k_heads = np.ascontiguousarray(k.reshape(2, m, heads, d).transpose(0, 2, 1, 3))
     v_heads = np.ascontiguousarray(v.reshape(2, m, heads, d).transpose(0, 2, 1, 3))
-    func = attention_kernel(2, n, m, heads, d, 1.0 / d**0.5, lanes).with_attr("global_symbol", "main")
+    func = attention_kernel(2, n, m, heads, d, 1.0 / d**0.5, lanes, causal).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros_like(q), dev)
     lib["main"](*(tvm.runtime.tensor(a, dev) for a in (q, k_heads, v_heads)), out)
-    _close(out.numpy(), _attention_reference(q, k, v, heads))
+    _close(out.numpy(), _attention_reference(q, k, v, heads, causal=causal))
 
 
 def test_causal_attention_matches_numpy(tmp_path):

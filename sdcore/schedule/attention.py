@@ -22,8 +22,9 @@ q and out stay in the [B, tokens, H*D] layout of the projections; k and v come i
 Vector extents are kept at powers of two (16/32): measured, a 40- or 48-lane vector ran at 6
 GFLOP/s, 15x slower. A query block past the last row recomputes the last row (identical values
 written twice). The function is written already scheduled (parallel, vectorized, unrolled) and
-marked `tirx.is_scheduled`, so the dlight rules leave it alone; it is fp32, non-causal and CPU-only
-(`T.parallel`). `sdcore.ops.attention` uses it for every non-causal float32 attention.
+marked `tirx.is_scheduled`, so the dlight rules leave it alone; it is fp32 and CPU-only
+(`T.parallel`). `sdcore.ops.attention` uses it for every float32 attention with static shapes: the
+UNet's and VAE's, and CLIP's causal self-attention (keys after the query masked like the padding).
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ def _tile(d: int, most: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, lanes: int = 16) -> tirx.PrimFunc:
+def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, lanes: int = 16,
+                     causal: bool = False) -> tirx.PrimFunc:
     """A PrimFunc (q [b, n, heads*d], k [b, heads, m, d], v [b, heads, m, d]) -> out [b, n, heads*d],
-    tiled for `lanes` float32 lanes per vector register (16: AVX-512, 8: AVX2)."""
+    tiled for `lanes` float32 lanes per vector register (16: AVX-512, 8: AVX2). `causal` (self-
+    attention, n == m) masks the keys after each query, as the padded keys are masked."""
+    if causal and n != m:
+        raise ValueError(f"causal attention needs as many queries as keys, got {n} and {m}")
     BR, KEYS = block_sizes(lanes)  # noqa: N806 (constants of this kernel)
     c = heads * d
     mp = -(-m // KEYS) * KEYS
@@ -88,7 +93,11 @@ def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, l
                             acc[jj, i] = acc[jj, i] + k[batch, head, T.min(jo * KEYS + jj, m - 1), dd] * qt[dd, i]
                 for jj in T.unroll(KEYS):
                     for i in T.vectorized(BR):
-                        st[jo * KEYS + jj, i] = acc[jj, i]
+                        if causal:  # (decided when the kernel is built) keys after the query masked
+                            st[jo * KEYS + jj, i] = T.if_then_else(
+                                jo * KEYS + jj > T.min(row0 + i, n - 1), neg, acc[jj, i])
+                        else:
+                            st[jo * KEYS + jj, i] = acc[jj, i]
             for j in range(mp - m):  # padded keys (static count)
                 for i in T.vectorized(BR):
                     st[m + j, i] = neg
