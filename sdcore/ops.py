@@ -83,11 +83,14 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
 # Winograd F(2x2, 3x3) on the CPU (sdcore/schedule/winograd.py) for convolutions with at least this
 # many 2x2 output tiles (batch x tile rows x tiles per row), and whose transformed input and output
 # (V [16, tiles, C] and M [16, tiles, K], the extra workspace) take at most WINOGRAD_MAX_BYTES;
-# others stay direct convolutions (sdcore.schedule.cpu.Conv2d). The cap keeps the memory peak of a
-# txt2img run where it was: the VAE's 512 -> 512 convs at 128x128 (268 MB of V and M) raised it
-# by ~240 MB; SD1.5's largest UNet case, 960 -> 320 at 64x64, takes 168 MB.
+# others stay direct convolutions (sdcore.schedule.cpu.Conv2d). The cap bounds the memory peak of a
+# txt2img run: it admits the VAE's 512 -> 512 convs at 128x128 (268 MB of V and M; 1154 -> 811 ms
+# each, 1 thread, PyTorch 942), whose V and M storages the VAE's larger tensors later reuse (the
+# txt2img peak measured 5460 MB with them and 5460-5491 without, SD1.5 512x512, 2 threads), and
+# keeps the 256x256 and 512x512 stages direct (805 MB and up). SD1.5's largest UNet case, 960 -> 320
+# at 64x64, takes 168 MB.
 WINOGRAD_MIN_TILES = 128
-WINOGRAD_MAX_BYTES = 192 << 20
+WINOGRAD_MAX_BYTES = 288 << 20
 
 
 class Conv2D(nn.Conv2D):

@@ -289,7 +289,9 @@ def test_winograd_only_where_it_applies():
     assert takes(1280, 1280, (2, 1280, 16, 16))             # 128 tiles
     assert not takes(1280, 1280, (2, 1280, 8, 8))           # 32 tiles: the transforms do not pay
     assert not takes(128, 128, (1, 128, 512, 512))          # V and M would take 1 GiB
-    assert not takes(512, 512, (1, 512, 128, 128))          # 256 MiB (the VAE's memory peak)
+    assert takes(512, 512, (1, 512, 128, 128))              # 256 MiB (the VAE's 128x128 stage)
+    assert not takes(256, 256, (1, 256, 256, 256))          # 512 MiB (the VAE's 256x256 stage)
+    assert not takes(960, 320, (2, 960, 96, 96))            # 360 MiB (SD2.1's UNet at 768x768)
     assert takes(960, 320, (2, 960, 64, 64))                # 160 MiB
     assert not takes(320, 320, (2, 320, 64, 64), stride=2)
     assert not takes(320, 320, (2, 320, 64, 64), kernel=1, padding=0)
