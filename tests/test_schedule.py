@@ -128,11 +128,13 @@ def test_attention_matches_numpy(tmp_path, n, m, heads, d):
 
 @pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("n,m,heads,d,causal", [(37, 77, 2, 40, False), (16, 30, 1, 80, False),
-                                                (77, 77, 2, 64, True), (20, 20, 1, 8, True)])
+                                                (40, 300, 1, 16, False), (77, 77, 2, 64, True),
+                                                (20, 20, 1, 8, True), (150, 150, 2, 8, True)])
 def test_attention_kernel_for_each_vector_width(n, m, heads, d, causal, lanes):
     """The kernel's tiles for AVX2 (8 lanes: 16 queries x 6 keys) and AVX-512 (16: 32 x 12), each
     built on its own whatever this machine has, against numpy; causal as CLIP's (77 tokens: the
-    last query block is partly past the end) and with fewer tokens than one query block."""
+    last query block is partly past the end) and with fewer tokens than one query block; 300 and
+    150 keys are three and two blocks of p·v (KEY_BLOCK = 128), the last one partly zero."""
     import tvm
 
     from sdcore.schedule.attention import attention_kernel
