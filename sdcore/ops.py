@@ -81,7 +81,10 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
 
 
 # Winograd F(2x2, 3x3) on the CPU (sdcore/schedule/winograd.py) for convolutions with at least this
-# many 2x2 output tiles (batch x tile rows x tiles per row), and whose transformed input and output
+# many 2x2 output tiles (batch x tile rows x tiles per row; 16 since the sixth 12-01 session, 128
+# before: at 12x12 and 10x10, SD2.1's 768x768 and a 640x640 image, the direct conv's rows are not
+# whole vectors and 1280 -> 1280 took 569 and 405 ms against 93 and 56 with Winograd, PyTorch 165
+# and 124; at 8x8 and 6x6 both ways within 15%; batch 2, 1 thread), and whose transformed input and output
 # (V [16, tiles, C] and M [16, tiles, K], the extra workspace) take at most WINOGRAD_MAX_BYTES;
 # others stay direct convolutions (sdcore.schedule.cpu.Conv2d). The cap bounds the memory peak of a
 # txt2img run: it admits the VAE's 512 -> 512 convs at 128x128 (268 MB of V and M; 1154 -> 811 ms
@@ -89,7 +92,7 @@ def attention(q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, num_heads: int, *, causa
 # txt2img peak measured 5460 MB with them and 5460-5491 without, SD1.5 512x512, 2 threads), and
 # keeps the 256x256 and 512x512 stages direct (805 MB and up). SD1.5's largest UNet case, 960 -> 320
 # at 64x64, takes 168 MB.
-WINOGRAD_MIN_TILES = 128
+WINOGRAD_MIN_TILES = 16
 WINOGRAD_MAX_BYTES = 288 << 20
 
 

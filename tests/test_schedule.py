@@ -289,7 +289,8 @@ def test_winograd_only_where_it_applies():
 
     assert takes(320, 320, (2, 320, 64, 64))
     assert takes(1280, 1280, (2, 1280, 16, 16))             # 128 tiles
-    assert not takes(1280, 1280, (2, 1280, 8, 8))           # 32 tiles: the transforms do not pay
+    assert takes(1280, 1280, (2, 1280, 12, 12))             # 72 tiles (SD2.1 at 768x768)
+    assert not takes(1280, 1280, (1, 1280, 6, 6))           # 9 tiles: the transforms do not pay
     assert not takes(128, 128, (1, 128, 512, 512))          # V and M would take 1 GiB
     assert takes(512, 512, (1, 512, 128, 128))              # 256 MiB (the VAE's 128x128 stage)
     assert not takes(256, 256, (1, 256, 256, 256))          # 512 MiB (the VAE's 256x256 stage)
