@@ -56,6 +56,16 @@ def _accumulators(lanes: int) -> int:
     return 24 if lanes >= 16 else 12
 
 
+def _gemm_accumulators(lanes: int) -> int:
+    """Accumulators of a GEMM tile: as _accumulators, but 10 on AVX2. 3 rows x 4 vectors (12,
+    chosen wherever M is a multiple of 3: every SD2.1 768x768 shape, 9216 = 2^10 x 9 tokens) ran
+    far slower than 2 x 5 vectors (10), with 4 B vectors and a broadcast beside 12 accumulators in
+    16 registers: 1 thread, one process, 2x9216x320 -> 2560 697 -> 459 ms (PyTorch 478),
+    2x2304x640 -> 5120 693 -> 457 (445), 2x576x1280 -> 10240 724 -> 569 (534), 2x77x768 -> 3072
+    14.4 -> 13.3 (11.8)."""
+    return 10 if lanes == 8 else _accumulators(lanes)
+
+
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None
@@ -143,13 +153,6 @@ def _vectors(nr: int, vw: int, lanes: int) -> int:
     return -(-nr // lanes) if vw == lanes else nr // vw
 
 
-# Accumulators of an AVX2 GEMM tile: 10, not the 12 _accumulators allows. 3 rows x 4 vectors (12
-# accumulators, chosen wherever M is a multiple of 3: every SD2.1 768x768 shape, 9216 = 2^10 x 9
-# tokens) ran far slower than 2 x 5 vectors (10), with 4 B vectors and a broadcast beside 12
-# accumulators in 16 registers: 1 thread, one process, 2x9216x320 -> 2560 697 -> 459 ms (PyTorch
-# 478), 2x2304x640 -> 5120 693 -> 457 (445), 2x576x1280 -> 10240 724 -> 569 (534), 2x77x768 -> 3072
-# 14.4 -> 13.3 (11.8).
-_GEMM_ACC_AVX2 = 10
 _PANEL_BYTES = 1536 * 1024  # a K x NR weight panel streamed once per row tile stays in the 2 MB L2
 
 
@@ -174,7 +177,7 @@ def matmul_tiles(m: int, n: int, lanes: int, k: int | None = None) -> tuple[int,
     for nr in options:
         vw = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if nr % v == 0)
         vecs = _vectors(nr, vw, lanes)
-        mr_max = max(1, min(16, (_GEMM_ACC_AVX2 if lanes == 8 else _accumulators(lanes)) // vecs))
+        mr_max = max(1, min(16, _gemm_accumulators(lanes) // vecs))
         mr = _pick(range(mr_max, 0, -1), m, 1)
         score = (mr * vecs, nr)
         if best is None or score > best[0]:
@@ -275,7 +278,7 @@ class Matmul(dlight.ScheduleRule):
         # A Linear whose rows have no good divisor (77 text tokens per prompt: on AVX2 the tile is 1
         # vector x 7 rows, 8 loads per 7 FMAs) runs on rows padded with zeros to a multiple of 3, 4
         # or 6 where that gives a tile with >= 1.25x the FMAs per load (78 rows: 3 vectors x 3
-        # rows, 9 FMAs per 6 loads; 4 x 3 before the 10-accumulator cap above); a separate copy
+        # rows, 9 FMAs per 6 loads; 4 x 3 before _gemm_accumulators capped AVX2 at 10); a separate copy
         # drops the padded rows and takes the epilogue.
         # 2x77x3072 -> 768 (fc2 of the text encoder), 1 thread, Zen 3: 31.8 -> 14.3 ms (torch 9.9),
         # and 14.3 -> 12.7 (torch 10.4) in a second run from the shared panel copy below. AVX2
