@@ -278,8 +278,8 @@ class Matmul(dlight.ScheduleRule):
         # A Linear whose rows have no good divisor (77 text tokens per prompt: on AVX2 the tile is 1
         # vector x 7 rows, 8 loads per 7 FMAs) runs on rows padded with zeros to a multiple of 3, 4
         # or 6 where that gives a tile with >= 1.25x the FMAs per load (78 rows: 3 vectors x 3
-        # rows, 9 FMAs per 6 loads; 4 x 3 before _gemm_accumulators capped AVX2 at 10); a separate copy
-        # drops the padded rows and takes the epilogue.
+        # rows, 9 FMAs per 6 loads; 4 x 3 before _gemm_accumulators capped AVX2 at 10); a
+        # separate copy drops the padded rows and takes the epilogue.
         # 2x77x3072 -> 768 (fc2 of the text encoder), 1 thread, Zen 3: 31.8 -> 14.3 ms (torch 9.9),
         # and 14.3 -> 12.7 (torch 10.4) in a second run from the shared panel copy below. AVX2
         # only: not measured with AVX-512's tiles.
