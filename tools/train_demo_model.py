@@ -1,6 +1,7 @@
 """Train sdcore's embedded demo model: a small latent diffusion model of procedurally drawn shapes.
 
     python tools/train_demo_model.py WORK [--seed 0] [--vae-steps N] [--decoder-steps N] [--unet-steps N]
+    python tools/train_demo_model.py WORK --init-from MODEL_DIR   # stages 5-7 only, from stages 1-4's result
     python tools/train_demo_model.py WORK --export-only      # diffusers folder from the latest checkpoint
     python tools/train_demo_model.py WORK --evaluate         # sample with diffusers, score colour/position
     python tools/train_demo_model.py WORK --ship sdcore/models/shapes-demo   # convert into the package
@@ -29,7 +30,16 @@ WORK/checkpoints) equals a shorter run, and a resumed run an uninterrupted one.
    latents. Independent of stage 4, so `--decoder-only` can run it in a second process alongside.
 4. UNet + text encoder jointly on posterior samples of those latents, v-prediction (`--prediction-type
    epsilon`: the first model's recipe, with the high-noise steps weighted up by `--high-noise-weight`,
-   1/SNR clipped to [1, 5]; it never learnt positions), EMA of both (the EMA weights are shipped).
+   1/SNR clipped to [1, 5]; it never learnt positions), EMA of both.
+5. Colour separation: encoder and decoder fine-tuned so that the same drawing in two shape colours
+   lies at least `--separation-margin` apart in the scaled latent space (a hinge on the distance of
+   each image's latent to its other-colour partner's), with the shape-colour loss on and the latents
+   anchored to stage 3's (`--anchor-weight` x their mean squared drift). Red and yellow on white were
+   1.6 apart before it, near the posterior noise, and the UNet painted them as one colour.
+6. Latents again (new images) with the separated encoder; the scaling factor stays stage 2's.
+7. UNet + text encoder fine-tuned on them from stage 4's EMA weights (new optimizer, its own data
+   stream), `--finetune-steps`. The EMA weights of this stage are shipped. `--init-from DIR` starts
+   at stage 5 from a model folder (stages 1-4 of an earlier run, e.g. the shipped model before it).
 
 The shipped model is this script's defaults (docs/demo-model.md has the measured run time).
 """
@@ -94,6 +104,8 @@ DEFAULTS = {"seed": 0, "vae_steps": 1500, "vae_batch": 8, "vae_lr": 1e-3, "kl_we
             "decoder_steps": 4000, "colour_weight": 0.0,
             "pool_size": 8192, "unet_steps": 12000, "unet_batch": 16, "unet_lr": 1e-3, "ema_decay": 0.998,
             "high_noise_weight": 5.0, "prediction_type": "v_prediction",
+            "separation_steps": 600, "separation_lr": 3e-4, "separation_margin": 5.0, "anchor_weight": 0.1,
+            "separation_colour_weight": 1.0, "finetune_steps": 3000,
             "checkpoint_every": 100}
 
 
@@ -218,6 +230,16 @@ def build_models(seed: int, scaling_factor: float = 1.0):
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     unet = UNet2DConditionModel(**UNET_CONFIG)
     return vae, text_encoder, unet
+
+
+def load_pipeline_models(folder: Path):
+    """VAE, text encoder and UNet of a diffusers folder (an sdcore model directory is one too)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return (AutoencoderKL.from_pretrained(str(folder), subfolder="vae").eval(),
+            CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder"),
+            UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet"))
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -359,15 +381,89 @@ def train_vae(vae, args, work: Path, log: Log):
     return ema
 
 
-def latent_pool(vae, seed: int, n: int, work: Path, log: Log):
-    """Posterior means and stds [n, 4, 8, 8] of n fresh images, with their labels: the UNet's data.
-    Encoding once is 30% of a UNet step saved; each use draws a new posterior sample and caption."""
+def colour_partner_batch(rng: np.random.Generator, n: int):
+    """n random drawings and, for each, the same drawing (shape, position, jitter, size, background)
+    in another shape colour: [n, 64, 64, 3] uint8 twice, and the labels of the first."""
+    images, partners, labels = [], [], []
+    for _ in range(n):
+        label = random_label(rng)
+        other = [c for c in COLOURS if c != label["colour"]][rng.integers(len(COLOURS) - 1)]
+        jitter = int(rng.integers(2**63))  # the same draw() randomness for both
+        for colour, out in ((label["colour"], images), (other, partners)):
+            out.append(draw(label["shape"], colour, label["position"], label["background"],
+                            np.random.Generator(np.random.PCG64(jitter))))
+        labels.append(label)
+    return np.stack(images), np.stack(partners), labels
+
+
+def train_separation(vae, scaling_factor: float, args, work: Path, log: Log):
+    """Fine-tune encoder and decoder so that every two shape colours are at least
+    `separation_margin` apart in the (scaled) latent space for the same drawing, while the latents
+    stay close to `vae`'s (the anchor: the UNet trained on them stays valid up to a short fine-tune).
+    Without it red and yellow on white are 1.6 apart (black: 6.4), close to the posterior noise (1.3),
+    and the UNet learns them as one colour (docs/demo-model.md). Returns the EMA VAE."""
+    import copy
+
     import torch
 
-    path = work / "checkpoints" / "latents.pt"
+    ckpt_path = work / "checkpoints" / "separation.pt"
+    anchor = copy.deepcopy(vae).eval().requires_grad_(False)
+    live = copy.deepcopy(vae).train().requires_grad_(True)
+    ema = copy.deepcopy(vae).eval().requires_grad_(False)
+    scale = scaling_factor
+    opt = torch.optim.AdamW(live.parameters(), lr=args.separation_lr, weight_decay=0.0)
+    start, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        live.load_state_dict(ckpt["vae_live"])
+        ema.load_state_dict(ckpt["vae"])
+        opt.load_state_dict(ckpt["opt"])
+        start, elapsed = ckpt["step"], ckpt["elapsed"]
+        log(f"separation: resumed at step {start}")
+    t0 = time.perf_counter() - elapsed
+    for step in range(start, args.separation_steps):
+        rng = step_rng(args.seed, 6, step)
+        images, partners, labels = colour_partner_batch(rng, args.vae_batch)
+        x = to_tensor(images)
+        posterior = live.encode(x).latent_dist
+        partner_mean = live.encode(to_tensor(partners)).latent_dist.mean
+        with torch.no_grad():
+            anchor_mean = anchor.encode(x).latent_dist.mean
+        eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
+        recon = live.decode(posterior.mean + posterior.std * eps).sample
+        loss_rec = reconstruction_loss(recon, x, labels, args.separation_colour_weight)
+        drift = torch.mean((posterior.mean - anchor_mean) ** 2) * scale**2  # per element, scaled units
+        distance = ((posterior.mean - partner_mean) * scale).flatten(1).norm(dim=1)  # [B]
+        hinge = torch.mean(torch.relu(args.separation_margin - distance) ** 2)
+        loss = loss_rec + args.anchor_weight * drift + hinge
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.separation_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(live.parameters(), 1.0)
+        opt.step()
+        update_ema(ema, live, step, args.vae_ema_decay)
+        if step % 50 == 0 or step == args.separation_steps - 1:
+            log(f"separation step {step} loss {loss.item():.5f} reconstruction {loss_rec.item():.5f} "
+                f"drift {math.sqrt(drift.item()):.4f} colour distance min {distance.min().item():.2f} "
+                f"mean {distance.mean().item():.2f} {time.perf_counter() - t0:.0f}s")
+        if (step + 1) % args.checkpoint_every == 0 or step == args.separation_steps - 1:
+            save_atomic({"vae": ema.state_dict(), "vae_live": live.state_dict(), "opt": opt.state_dict(),
+                         "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
+    return ema
+
+
+def latent_pool(vae, seed: int, n: int, work: Path, log: Log, name: str = "latents.pt", stage: int = 3,
+                scaling_factor: float | None = None):
+    """Posterior means and stds [n, 4, 8, 8] of n fresh images, with their labels: the UNet's data.
+    Encoding once is 30% of a UNet step saved; each use draws a new posterior sample and caption.
+    The scaling factor is 1 / the means' std unless given (the fine-tune keeps the first one)."""
+    import torch
+
+    path = work / "checkpoints" / name
     if path.exists():
         return torch.load(path, weights_only=False)
-    rng = step_rng(seed, 3, 0)
+    rng = step_rng(seed, stage, 0)
     means, stds, labels = [], [], []
     with torch.no_grad():
         for _ in range(n // 64):
@@ -377,13 +473,16 @@ def latent_pool(vae, seed: int, n: int, work: Path, log: Log):
             stds.append(posterior.std)
             labels += batch_labels
     pool = {"mean": torch.cat(means), "std": torch.cat(stds), "labels": labels}
-    pool["scaling_factor"] = float(1.0 / pool["mean"].std())
+    pool["scaling_factor"] = float(1.0 / pool["mean"].std()) if scaling_factor is None else scaling_factor
     save_atomic(pool, path)
     log(f"encoded {len(labels)} images; latent scaling factor {pool['scaling_factor']:.5f}")
     return pool
 
 
-def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> None:
+def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log, steps: int | None = None,
+               name: str = "unet.pt", stage: int = 2) -> None:
+    """Train UNet and text encoder from the given weights (stage 4; the fine-tune of stage 7 starts
+    from stage 4's EMA weights with a new optimizer) for `steps`, checkpointing to WORK/checkpoints/name."""
     import copy
 
     import torch
@@ -408,7 +507,8 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> No
     ema = {"unet": copy.deepcopy(unet).eval(), "text_encoder": copy.deepcopy(text_encoder).eval()}
     for m in ema.values():
         m.requires_grad_(False)
-    ckpt_path = work / "checkpoints" / "unet.pt"
+    steps = args.unet_steps if steps is None else steps
+    ckpt_path = work / "checkpoints" / name
     start, elapsed = 0, 0.0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
@@ -418,13 +518,13 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> No
         ema["text_encoder"].load_state_dict(ckpt["ema_text_encoder"])
         opt.load_state_dict(ckpt["opt"])
         start, elapsed = ckpt["step"], ckpt["elapsed"]
-        log(f"unet: resumed at step {start}")
+        log(f"{ckpt_path.stem}: resumed at step {start}")
     unet.train()
     text_encoder.train()
     t0 = time.perf_counter() - elapsed
     running = None
-    for step in range(start, args.unet_steps):
-        rng = step_rng(args.seed, 2, step)
+    for step in range(start, steps):
+        rng = step_rng(args.seed, stage, step)
         b = args.unet_batch
         index = rng.integers(0, len(pool["labels"]), size=b)
         captions = [random_caption(pool["labels"][i], rng) for i in index]
@@ -460,10 +560,10 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> No
         update_ema(ema["unet"], unet, step, args.ema_decay)
         update_ema(ema["text_encoder"], text_encoder, step, args.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0 or step == args.unet_steps - 1:
-            log(f"unet step {step} loss {loss.item():.4f} (avg {running:.4f}) lr {opt.param_groups[0]['lr']:.2e} "
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{ckpt_path.stem} step {step} loss {loss.item():.4f} (avg {running:.4f}) lr {opt.param_groups[0]['lr']:.2e} "
                 f"{time.perf_counter() - t0:.0f}s")
-        if (step + 1) % args.checkpoint_every == 0 or step == args.unet_steps - 1:
+        if (step + 1) % args.checkpoint_every == 0 or step == steps - 1:
             save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                          "ema_unet": ema["unet"].state_dict(), "ema_text_encoder": ema["text_encoder"].state_dict(),
                          "opt": opt.state_dict(), "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
@@ -475,7 +575,7 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log) -> No
 
 def export(work: Path, seed: int, log: Log, prediction_type: str) -> Path:
     """Write WORK/diffusers, a diffusers StableDiffusionPipeline folder, from the latest checkpoints
-    (EMA weights of the UNet and text encoder)."""
+    (EMA weights; the fine-tuned ones where stages 5-7 ran)."""
     import tempfile
 
     import torch
@@ -484,11 +584,14 @@ def export(work: Path, seed: int, log: Log, prediction_type: str) -> Path:
 
     from sdcore.tokenizer import write_vocab_files
 
-    scaling_factor = torch.load(work / "checkpoints" / "latents.pt", weights_only=False)["scaling_factor"]
+    def latest(*names: str) -> Path:
+        return next((work / "checkpoints" / n for n in names if (work / "checkpoints" / n).exists()),
+                    work / "checkpoints" / names[-1])
+
+    scaling_factor = torch.load(latest("finetune_latents.pt", "latents.pt"), weights_only=False)["scaling_factor"]
     vae, text_encoder, unet = build_models(seed, scaling_factor=scaling_factor)
-    vae_ckpt = work / "checkpoints" / ("decoder.pt" if (work / "checkpoints" / "decoder.pt").exists() else "vae.pt")
-    vae.load_state_dict(torch.load(vae_ckpt, weights_only=False)["vae"])
-    ckpt = torch.load(work / "checkpoints" / "unet.pt", weights_only=False)
+    vae.load_state_dict(torch.load(latest("separation.pt", "decoder.pt", "vae.pt"), weights_only=False)["vae"])
+    ckpt = torch.load(latest("finetune.pt", "unet.pt"), weights_only=False)
     unet.load_state_dict(ckpt["ema_unet"])
     text_encoder.load_state_dict(ckpt["ema_text_encoder"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -505,7 +608,8 @@ def export(work: Path, seed: int, log: Log, prediction_type: str) -> Path:
     # transformers 5 saves only tokenizer.json; write the classic vocab.json + merges.txt folder instead.
     shutil.rmtree(out / "tokenizer")
     write_vocab_files(out / "tokenizer")
-    log(f"exported {out} (unet step {ckpt['step']}, scaling factor {scaling_factor:.5f})")
+    log(f"exported {out} ({ckpt['step']} steps of {latest('finetune.pt', 'unet.pt').name}, "
+        f"scaling factor {scaling_factor:.5f})")
     return out
 
 
@@ -525,7 +629,9 @@ def evaluate(folder: Path, log: Log, guidance_scales=(7.0, 1.0), seeds=(0,), ste
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    if not (folder / "model_index.json").exists():
+        raise SystemExit(f"error: no diffusers model in {folder} (run the training or --export-only first)")
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
     prompts = evaluation_prompts()
@@ -564,6 +670,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stop-after-vae", action="store_true")
     parser.add_argument("--decoder-only", action="store_true", help="stop after the decoder fine-tuning")
     parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--init-from", type=Path, help="skip stages 1-4: start stage 5 from this model folder")
     parser.add_argument("--evaluate", action="store_true", help="sample the exported model and score it")
     parser.add_argument("--ship", type=Path, help="convert WORK/diffusers into this sdcore model directory")
     args = parser.parse_args(argv)
@@ -586,15 +693,29 @@ def main(argv=None) -> int:
 
     log(f"training with {json.dumps(vars(args), default=str)}")
     started = time.perf_counter()
-    vae, text_encoder, unet = build_models(args.seed)
-    vae = train_vae(vae, args, args.work, log)
-    pool = latent_pool(vae, args.seed, args.pool_size, args.work, log)
-    if args.stop_after_vae:
-        return 0
-    train_decoder(vae, args, args.work, log)  # independent of the UNet: its own process with --decoder-only
-    if args.decoder_only:
-        return 0
-    train_unet(pool, text_encoder, unet, args, args.work, log)
+    if args.init_from:  # stages 1-4 done: a diffusers folder (or sdcore model directory) of their result
+        vae, text_encoder, unet = load_pipeline_models(args.init_from)
+        scaling_factor = vae.config.scaling_factor
+        log(f"stages 1-4 from {args.init_from} (scaling factor {scaling_factor:.5f})")
+    else:
+        vae, text_encoder, unet = build_models(args.seed)
+        vae = train_vae(vae, args, args.work, log)
+        pool = latent_pool(vae, args.seed, args.pool_size, args.work, log)
+        if args.stop_after_vae:
+            return 0
+        vae = train_decoder(vae, args, args.work, log)  # independent of the UNet: its own process with --decoder-only
+        if args.decoder_only:
+            return 0
+        train_unet(pool, text_encoder, unet, args, args.work, log)
+        scaling_factor = pool["scaling_factor"]
+        ckpt = torch.load(args.work / "checkpoints" / "unet.pt", weights_only=False)
+        unet.load_state_dict(ckpt["ema_unet"])  # stage 7 starts from the EMA weights
+        text_encoder.load_state_dict(ckpt["ema_text_encoder"])
+    vae = train_separation(vae, scaling_factor, args, args.work, log)
+    pool = latent_pool(vae, args.seed, args.pool_size, args.work, log, name="finetune_latents.pt", stage=8,
+                       scaling_factor=scaling_factor)
+    train_unet(pool, text_encoder, unet, args, args.work, log, steps=args.finetune_steps, name="finetune.pt",
+               stage=7)
     export(args.work, args.seed, log, args.prediction_type)
     log(f"done in {time.perf_counter() - started:.0f}s of this process")
     return 0
