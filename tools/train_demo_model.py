@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -624,7 +625,7 @@ def evaluation_prompts() -> list[tuple[str, dict]]:
     return prompts
 
 
-def evaluate(folder: Path, log: Log, guidance_scales=(7.0, 1.0), seeds=(0,), steps: int = 20) -> dict:
+def evaluate(folder: Path, log: Log, guidance_scales=(7.0, 1.0), seeds=(0, 1, 2), steps: int = 20) -> dict:
     """Sample every evaluation prompt with diffusers (DPM++ 2M Karras) and score it with `describe`."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -681,8 +682,9 @@ def main(argv=None) -> int:
     (args.work / "checkpoints").mkdir(parents=True, exist_ok=True)
     log = Log(args.work / "train.log")
     if args.ship:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         subprocess.run([sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(args.work / "diffusers"),
-                        "--output", str(args.ship), "--overwrite"], check=True)
+                        "--output", str(args.ship), "--overwrite"], check=True, env=env)
         return 0
     if args.evaluate:
         evaluate(args.work / "diffusers", log)
