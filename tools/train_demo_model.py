@@ -262,6 +262,26 @@ class Log:
         self.file.flush()
 
 
+def resume_vae_stage(ckpt_path: Path, live, ema, opt, log: Log) -> tuple[int, float]:
+    """Load a VAE stage's checkpoint (live and EMA weights, optimizer) where there is one; returns the
+    step to go on from and the seconds spent so far."""
+    import torch
+
+    if not ckpt_path.exists():
+        return 0, 0.0
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    live.load_state_dict(ckpt["vae_live"])
+    ema.load_state_dict(ckpt["vae"])
+    opt.load_state_dict(ckpt["opt"])
+    log(f"{ckpt_path.stem}: resumed at step {ckpt['step']}")
+    return ckpt["step"], ckpt["elapsed"]
+
+
+def save_vae_stage(ckpt_path: Path, live, ema, opt, step: int, elapsed: float) -> None:
+    save_atomic({"vae": ema.state_dict(), "vae_live": live.state_dict(), "opt": opt.state_dict(),
+                 "step": step, "elapsed": elapsed}, ckpt_path)
+
+
 def reconstruction_loss(recon, x, labels, colour_weight: float = 0.0):
     """MSE + L1, the shape's pixels weighted SHAPE_WEIGHT times: the shape covers a tenth of the
     image, and without the weight the VAE learns the background first and paints every shape one
@@ -297,14 +317,7 @@ def train_decoder(vae, args, work: Path, log: Log):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
     ema = copy.deepcopy(vae).eval()
-    start, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        live.load_state_dict(ckpt["vae_live"])
-        ema.load_state_dict(ckpt["vae"])
-        opt.load_state_dict(ckpt["opt"])
-        start, elapsed = ckpt["step"], ckpt["elapsed"]
-        log(f"decoder: resumed at step {start}")
+    start, elapsed = resume_vae_stage(ckpt_path, live, ema, opt, log)
     live.decoder.train()
     t0 = time.perf_counter() - elapsed
     for step in range(start, args.decoder_steps):
@@ -329,8 +342,7 @@ def train_decoder(vae, args, work: Path, log: Log):
             log(f"decoder step {step} loss {loss.item():.5f} (PSNR {10 * math.log10(4.0 / max(mse, 1e-12)):.1f} dB) "
                 f"{time.perf_counter() - t0:.0f}s")
         if (step + 1) % args.checkpoint_every == 0 or step == args.decoder_steps - 1:
-            save_atomic({"vae": ema.state_dict(), "vae_live": live.state_dict(), "opt": opt.state_dict(),
-                         "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
+            save_vae_stage(ckpt_path, live, ema, opt, step + 1, time.perf_counter() - t0)
     return ema
 
 
@@ -343,14 +355,7 @@ def train_vae(vae, args, work: Path, log: Log):
     ckpt_path = work / "checkpoints" / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
-    start, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        vae.load_state_dict(ckpt["vae_live"])
-        ema.load_state_dict(ckpt["vae"])
-        opt.load_state_dict(ckpt["opt"])
-        start, elapsed = ckpt["step"], ckpt["elapsed"]
-        log(f"vae: resumed at step {start}")
+    start, elapsed = resume_vae_stage(ckpt_path, vae, ema, opt, log)
     vae.train()
     t0 = time.perf_counter() - elapsed
     for step in range(start, args.vae_steps):
@@ -377,8 +382,7 @@ def train_vae(vae, args, work: Path, log: Log):
             log(f"vae step {step} loss {loss.item():.5f} mse {mse.item():.5f} (PSNR {psnr:.1f} dB) "
                 f"kl {kl.item():.1f} {time.perf_counter() - t0:.0f}s")
         if (step + 1) % args.checkpoint_every == 0 or step == args.vae_steps - 1:
-            save_atomic({"vae": ema.state_dict(), "vae_live": vae.state_dict(), "opt": opt.state_dict(),
-                         "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
+            save_vae_stage(ckpt_path, vae, ema, opt, step + 1, time.perf_counter() - t0)
     return ema
 
 
@@ -413,14 +417,7 @@ def train_separation(vae, scaling_factor: float, args, work: Path, log: Log):
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
     scale = scaling_factor
     opt = torch.optim.AdamW(live.parameters(), lr=args.separation_lr, weight_decay=0.0)
-    start, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        live.load_state_dict(ckpt["vae_live"])
-        ema.load_state_dict(ckpt["vae"])
-        opt.load_state_dict(ckpt["opt"])
-        start, elapsed = ckpt["step"], ckpt["elapsed"]
-        log(f"separation: resumed at step {start}")
+    start, elapsed = resume_vae_stage(ckpt_path, live, ema, opt, log)
     t0 = time.perf_counter() - elapsed
     for step in range(start, args.separation_steps):
         rng = step_rng(args.seed, 6, step)
@@ -449,8 +446,7 @@ def train_separation(vae, scaling_factor: float, args, work: Path, log: Log):
                 f"drift {math.sqrt(drift.item()):.4f} colour distance min {distance.min().item():.2f} "
                 f"mean {distance.mean().item():.2f} {time.perf_counter() - t0:.0f}s")
         if (step + 1) % args.checkpoint_every == 0 or step == args.separation_steps - 1:
-            save_atomic({"vae": ema.state_dict(), "vae_live": live.state_dict(), "opt": opt.state_dict(),
-                         "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
+            save_vae_stage(ckpt_path, live, ema, opt, step + 1, time.perf_counter() - t0)
     return ema
 
 
