@@ -262,6 +262,18 @@ class Log:
         self.file.flush()
 
 
+def optimizer_step(opt, loss, params, lr: float) -> None:
+    """One AdamW step at learning rate lr, gradients clipped to norm 1."""
+    import torch
+
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def resume_vae_stage(ckpt_path: Path, live, ema, opt, log: Log) -> tuple[int, float]:
     """Load a VAE stage's checkpoint (live and EMA weights, optimizer) where there is one; returns the
     step to go on from and the seconds spent so far."""
@@ -329,12 +341,7 @@ def train_decoder(vae, args, work: Path, log: Log):
         eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
         recon = live.decode(posterior.mean + posterior.std * eps).sample
         loss = reconstruction_loss(recon, x, labels, args.colour_weight)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.vae_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, args.vae_lr))
         for name in ("decoder", "post_quant_conv"):
             update_ema(getattr(ema, name), getattr(live, name), step, args.vae_ema_decay)
         if step % 50 == 0 or step == args.decoder_steps - 1:
@@ -370,12 +377,7 @@ def train_vae(vae, args, work: Path, log: Log):
         mse = torch.mean((recon - x) ** 2)
         kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
         loss = loss_rec + args.kl_weight * kl
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.vae_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, vae.parameters(), lr_at(step, args.vae_lr))
         update_ema(ema, vae, step, args.vae_ema_decay)
         if step % 50 == 0 or step == args.vae_steps - 1:
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
@@ -434,12 +436,7 @@ def train_separation(vae, scaling_factor: float, args, work: Path, log: Log):
         distance = ((posterior.mean - partner_mean) * scale).flatten(1).norm(dim=1)  # [B]
         hinge = torch.mean(torch.relu(args.separation_margin - distance) ** 2)
         loss = loss_rec + args.anchor_weight * drift + hinge
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.separation_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(live.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, live.parameters(), lr_at(step, args.separation_lr))
         update_ema(ema, live, step, args.vae_ema_decay)
         if step % 50 == 0 or step == args.separation_steps - 1:
             log(f"separation step {step} loss {loss.item():.5f} reconstruction {loss_rec.item():.5f} "
@@ -548,12 +545,7 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log, steps
             target = noise
             weight = (1 / snr).clamp(1.0, args.high_noise_weight)  # [B, 1, 1, 1]
         loss = torch.mean(weight * (pred - target) ** 2) / weight.mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.unet_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, args.unet_lr))
         update_ema(ema["unet"], unet, step, args.ema_decay)
         update_ema(ema["text_encoder"], text_encoder, step, args.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
