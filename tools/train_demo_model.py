@@ -417,7 +417,6 @@ def train_separation(vae, scaling_factor: float, args, work: Path, log: Log):
     anchor = copy.deepcopy(vae).eval().requires_grad_(False)
     live = copy.deepcopy(vae).train().requires_grad_(True)
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
-    scale = scaling_factor
     opt = torch.optim.AdamW(live.parameters(), lr=args.separation_lr, weight_decay=0.0)
     start, elapsed = resume_vae_stage(ckpt_path, live, ema, opt, log)
     t0 = time.perf_counter() - elapsed
@@ -432,8 +431,8 @@ def train_separation(vae, scaling_factor: float, args, work: Path, log: Log):
         eps = torch.from_numpy(rng.standard_normal(posterior.mean.shape, dtype=np.float32))
         recon = live.decode(posterior.mean + posterior.std * eps).sample
         loss_rec = reconstruction_loss(recon, x, labels, args.separation_colour_weight)
-        drift = torch.mean((posterior.mean - anchor_mean) ** 2) * scale**2  # per element, scaled units
-        distance = ((posterior.mean - partner_mean) * scale).flatten(1).norm(dim=1)  # [B]
+        drift = torch.mean((posterior.mean - anchor_mean) ** 2) * scaling_factor**2  # per element, scaled units
+        distance = ((posterior.mean - partner_mean) * scaling_factor).flatten(1).norm(dim=1)  # [B]
         hinge = torch.mean(torch.relu(args.separation_margin - distance) ** 2)
         loss = loss_rec + args.anchor_weight * drift + hinge
         optimizer_step(opt, loss, live.parameters(), lr_at(step, args.separation_lr))
