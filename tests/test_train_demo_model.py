@@ -58,3 +58,8 @@ def test_separation_stages_run_and_export(tmp_path):
         assert log.count("finetune step 2") == 1 and "separation: resumed at step 3" in log
     finally:
         torch.set_num_threads(threads)
+
+
+def test_init_from_a_folder_without_a_model_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="not a diffusers or sdcore model folder"):
+        demo.main([str(tmp_path / "work"), "--init-from", str(tmp_path)])

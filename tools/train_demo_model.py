@@ -662,6 +662,8 @@ def main(argv=None) -> int:
     parser.add_argument("--evaluate", action="store_true", help="sample the exported model and score it")
     parser.add_argument("--ship", type=Path, help="convert WORK/diffusers into this sdcore model directory")
     args = parser.parse_args(argv)
+    if args.init_from and not (args.init_from / "model_index.json").exists():
+        raise SystemExit(f"error: --init-from {args.init_from}: not a diffusers or sdcore model folder")
 
     import torch
 
