@@ -233,6 +233,12 @@ def build_models(seed: int, scaling_factor: float = 1.0):
     return vae, text_encoder, unet
 
 
+def require_model_folder(folder: Path, hint: str) -> None:
+    """Exit with one line unless folder holds a diffusers pipeline (an sdcore model directory does)."""
+    if not (folder / "model_index.json").exists():
+        raise SystemExit(f"error: {folder} is not a diffusers or sdcore model folder {hint}")
+
+
 def load_pipeline_models(folder: Path):
     """VAE, text encoder and UNet of a diffusers folder (an sdcore model directory is one too)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -473,9 +479,10 @@ def latent_pool(vae, seed: int, n: int, work: Path, log: Log, name: str = "laten
 
 
 def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log, steps: int | None = None,
-               name: str = "unet.pt", stage: int = 2) -> None:
+               name: str = "unet.pt", stage: int = 2) -> dict:
     """Train UNet and text encoder from the given weights (stage 4; the fine-tune of stage 7 starts
-    from stage 4's EMA weights with a new optimizer) for `steps`, checkpointing to WORK/checkpoints/name."""
+    from stage 4's EMA weights with a new optimizer) for `steps`, checkpointing to WORK/checkpoints/name.
+    Returns the EMA models, {"unet": ..., "text_encoder": ...}."""
     import copy
 
     import torch
@@ -555,6 +562,7 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log, steps
             save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                          "ema_unet": ema["unet"].state_dict(), "ema_text_encoder": ema["text_encoder"].state_dict(),
                          "opt": opt.state_dict(), "step": step + 1, "elapsed": time.perf_counter() - t0}, ckpt_path)
+    return ema
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,7 +587,8 @@ def export(work: Path, seed: int, log: Log, prediction_type: str) -> Path:
     scaling_factor = torch.load(latest("finetune_latents.pt", "latents.pt"), weights_only=False)["scaling_factor"]
     vae, text_encoder, unet = build_models(seed, scaling_factor=scaling_factor)
     vae.load_state_dict(torch.load(latest("separation.pt", "decoder.pt", "vae.pt"), weights_only=False)["vae"])
-    ckpt = torch.load(latest("finetune.pt", "unet.pt"), weights_only=False)
+    unet_ckpt = latest("finetune.pt", "unet.pt")
+    ckpt = torch.load(unet_ckpt, weights_only=False)
     unet.load_state_dict(ckpt["ema_unet"])
     text_encoder.load_state_dict(ckpt["ema_text_encoder"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -596,7 +605,7 @@ def export(work: Path, seed: int, log: Log, prediction_type: str) -> Path:
     # transformers 5 saves only tokenizer.json; write the classic vocab.json + merges.txt folder instead.
     shutil.rmtree(out / "tokenizer")
     write_vocab_files(out / "tokenizer")
-    log(f"exported {out} ({ckpt['step']} steps of {latest('finetune.pt', 'unet.pt').name}, "
+    log(f"exported {out} ({ckpt['step']} steps of {unet_ckpt.name}, "
         f"scaling factor {scaling_factor:.5f})")
     return out
 
@@ -617,8 +626,7 @@ def evaluate(folder: Path, log: Log, guidance_scales=(7.0, 1.0), seeds=(0, 1, 2)
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    if not (folder / "model_index.json").exists():
-        raise SystemExit(f"error: no diffusers model in {folder} (run the training or --export-only first)")
+    require_model_folder(folder, "(run the training or --export-only first)")
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
@@ -662,8 +670,8 @@ def main(argv=None) -> int:
     parser.add_argument("--evaluate", action="store_true", help="sample the exported model and score it")
     parser.add_argument("--ship", type=Path, help="convert WORK/diffusers into this sdcore model directory")
     args = parser.parse_args(argv)
-    if args.init_from and not (args.init_from / "model_index.json").exists():
-        raise SystemExit(f"error: --init-from {args.init_from}: not a diffusers or sdcore model folder")
+    if args.init_from:
+        require_model_folder(args.init_from, "(--init-from)")
 
     import torch
 
@@ -697,11 +705,10 @@ def main(argv=None) -> int:
         vae = train_decoder(vae, args, args.work, log)  # independent of the UNet: its own process with --decoder-only
         if args.decoder_only:
             return 0
-        train_unet(pool, text_encoder, unet, args, args.work, log)
+        ema = train_unet(pool, text_encoder, unet, args, args.work, log)
         scaling_factor = pool["scaling_factor"]
-        ckpt = torch.load(args.work / "checkpoints" / "unet.pt", weights_only=False)
-        unet.load_state_dict(ckpt["ema_unet"])  # stage 7 starts from the EMA weights
-        text_encoder.load_state_dict(ckpt["ema_text_encoder"])
+        unet.load_state_dict(ema["unet"].state_dict())  # stage 7 starts from the EMA weights
+        text_encoder.load_state_dict(ema["text_encoder"].state_dict())
     vae = train_separation(vae, scaling_factor, args, args.work, log)
     pool = latent_pool(vae, args.seed, args.pool_size, args.work, log, name="finetune_latents.pt", stage=8,
                        scaling_factor=scaling_factor)
