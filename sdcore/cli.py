@@ -11,12 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2 (argparse prints the usage block too)
-        raise SdcoreError(f"{self.prog}: {message} (see --help)", exit_code=2)
+        raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
 def _add_convert(sub) -> None:
@@ -99,13 +99,13 @@ def _tome_config(args):
 
     parts = {m.strip() for m in args.tome_merge.split(",") if m.strip()}
     if not parts or parts - {"attn", "crossattn", "mlp"}:
-        raise SdcoreError(f"--tome-merge {args.tome_merge!r}: use a comma list of attn, crossattn, mlp.", exit_code=2)
+        raise UsageError(f"--tome-merge {args.tome_merge!r}: use a comma list of attn, crossattn, mlp.")
     try:
         tome = ToMeConfig(ratio=args.tome_ratio, max_downsample=args.tome_max_downsample, sx=args.tome_stride,
                           sy=args.tome_stride, use_rand=not args.tome_no_rand, merge_attn="attn" in parts,
                           merge_crossattn="crossattn" in parts, merge_mlp="mlp" in parts)
     except SdcoreError as err:
-        raise SdcoreError(str(err), exit_code=2) from None
+        raise UsageError(str(err)) from None
     logging.getLogger("sdcore.tome").setLevel(logging.INFO)  # say which blocks merge, once per compile
     return tome
 
@@ -117,20 +117,20 @@ def _run_generate(args) -> int:
     from sdcore.pipeline import StableDiffusion
 
     if args.output.suffix.lower() != ".png":
-        raise SdcoreError(f"--output {args.output} must end in .png.", exit_code=2)
+        raise UsageError(f"--output {args.output} must end in .png.")
     if not args.output.parent.exists():
-        raise SdcoreError(f"the folder of --output ({args.output.parent}) does not exist.", exit_code=2)
+        raise UsageError(f"the folder of --output ({args.output.parent}) does not exist.")
     tome = _tome_config(args)
     for attr in ("init_image", "mask"):
         path = getattr(args, attr, None)
         if path is not None and not path.exists():
-            raise SdcoreError(f"--{attr.replace('_', '-')} {path} does not exist.", exit_code=2)
+            raise UsageError(f"--{attr.replace('_', '-')} {path} does not exist.")
     latents = None
     if getattr(args, "latents", None) is not None:
         try:
             latents = np.load(args.latents, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise SdcoreError(f"--latents {args.latents} is not a readable .npy file ({err}).", exit_code=2) from None
+            raise UsageError(f"--latents {args.latents} is not a readable .npy file ({err}).") from None
     pipe = StableDiffusion.load(args.model, target=args.target, cache_dir=args.cache_dir, low_memory=args.low_memory,
                                 threads=args.threads, dtype=args.dtype)
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import sdcore
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 
 logger = logging.getLogger("sdcore.compile")
 
@@ -56,7 +56,7 @@ def make_target(name: str = "llvm", arch: str | None = None):
                 raise SdcoreError("target 'cuda' asked for, but no CUDA GPU is visible to TVM.")
             arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
         return Target({"kind": "cuda", "arch": arch})
-    raise SdcoreError(f"unknown target {name!r}: use 'llvm', 'cuda' or 'auto'.", exit_code=2)
+    raise UsageError(f"unknown target {name!r}: use 'llvm', 'cuda' or 'auto'.")
 
 
 def device_for(target):
@@ -75,14 +75,14 @@ def set_threads(threads: int | None = None) -> int:
     """
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise SdcoreError(f"threads must be a positive integer, got {threads!r}.", exit_code=2)
+            raise UsageError(f"threads must be a positive integer, got {threads!r}.")
         os.environ["TVM_NUM_THREADS"] = str(threads)
     elif not os.environ.get("TVM_NUM_THREADS", "").strip():
         os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                             else (os.cpu_count() or 1))
     value = os.environ["TVM_NUM_THREADS"].strip()
     if not value.isdigit() or int(value) < 1:
-        raise SdcoreError(f"TVM_NUM_THREADS={value!r} is not a positive integer.", exit_code=2)
+        raise UsageError(f"TVM_NUM_THREADS={value!r} is not a positive integer.")
     return int(value)
 
 

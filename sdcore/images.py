@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 
 
 def load_image(source, what: str = "image") -> Image.Image:
@@ -65,9 +65,9 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: dict | None = 
     """Write `image` to `path` as PNG with the `parameters` chunk; atomic (temporary file + rename)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise SdcoreError(f"output {path} must end in .png.", exit_code=2)
+        raise UsageError(f"output {path} must end in .png.")
     if not path.parent.exists():
-        raise SdcoreError(f"output folder {path.parent} does not exist.", exit_code=2)
+        raise UsageError(f"output folder {path.parent} does not exist.")
     info = PngImagePlugin.PngInfo()
     if params:
         info.add_text("parameters", infotext(params))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from sdcore import weights
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 from sdcore.parity import build_tapped, compare, format_table, reference_taps
 
 COMPONENTS = ("text_encoder", "unet", "vae")
@@ -168,23 +168,23 @@ def _run(args) -> int:
     components = [c.strip() for c in args.components.split(",") if c.strip()]
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
-        raise SdcoreError(f"unknown component(s) {unknown}: choose from {', '.join(COMPONENTS)}.", exit_code=2)
+        raise UsageError(f"unknown component(s) {unknown}: choose from {', '.join(COMPONENTS)}.")
     unet_config = weights.read_config(model_dir, "unet")
     vae_config = weights.read_config(model_dir, "vae")
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     default = int(unet_config.get("sample_size", 64)) * scale
     width, height = args.width or default, args.height or default
     if width % 8 or height % 8 or width < 8 or height < 8:
-        raise SdcoreError(f"--width/--height must be positive multiples of 8, got {width}x{height}.", exit_code=2)
+        raise UsageError(f"--width/--height must be positive multiples of 8, got {width}x{height}.")
     if not 1 <= args.batch <= 16:
-        raise SdcoreError(f"--batch must be between 1 and 16, got {args.batch}.", exit_code=2)
+        raise UsageError(f"--batch must be between 1 and 16, got {args.batch}.")
 
     from sdcore.compile import make_target
 
     target = make_target(args.target)
     dtype = args.dtype or ("float16" if target.kind.name == "cuda" else "float32")
     if dtype == "float16" and target.kind.name != "cuda":
-        raise SdcoreError("float16 needs --target cuda: sdcore's CPU kernels are float32.", exit_code=2)
+        raise UsageError("float16 needs --target cuda: sdcore's CPU kernels are float32.")
     all_ok = True
     for component in components:
         start = time.perf_counter()

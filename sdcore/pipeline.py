@@ -24,7 +24,7 @@ import numpy as np
 
 import sdcore
 from sdcore import prompts, weights
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 from sdcore.images import array_to_images, image_to_array, load_image, mask_to_array
 
 logger = logging.getLogger("sdcore.pipeline")
@@ -63,7 +63,7 @@ class StableDiffusion:
         self.info = weights.read_model_info(self.model_dir)
         self.target_name = target
         if dtype not in (None, "float32", "float16"):
-            raise SdcoreError(f"unknown dtype {dtype!r}: use 'float32' or 'float16'.", exit_code=2)
+            raise UsageError(f"unknown dtype {dtype!r}: use 'float32' or 'float16'.")
         self.dtype = dtype
         self.cache_dir = cache_dir
         self.low_memory = low_memory
@@ -98,8 +98,8 @@ class StableDiffusion:
 
             target = make_target(self.target_name)
             if self.dtype == "float16" and target.kind.name != "cuda":
-                raise SdcoreError("float16 needs the cuda target: sdcore's CPU kernels are float32 (this "
-                                  "kind of CPU has no fast half-precision arithmetic).", exit_code=2)
+                raise UsageError("float16 needs the cuda target: sdcore's CPU kernels are float32 (this "
+                                  "kind of CPU has no fast half-precision arithmetic).")
             self._target = target
         return self._target
 
@@ -285,8 +285,8 @@ class StableDiffusion:
         mask = load_image(mask_image, "mask")
         width, height = self._size(image.width, image.height, what="image")
         if mask.size != image.size:
-            raise SdcoreError(f"the mask is {mask.width}x{mask.height} but the image is "
-                              f"{image.width}x{image.height}: they must be the same size.", exit_code=2)
+            raise UsageError(f"the mask is {mask.width}x{mask.height} but the image is "
+                              f"{image.width}x{image.height}: they must be the same size.")
         _check_strength(strength)
         return self._generate(mode="inpaint", prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                               guidance_scale=guidance_scale, sampler=sampler, width=width, height=height,
@@ -301,10 +301,10 @@ class StableDiffusion:
         height = self.default_size if height is None else int(height)
         for name, v in (("width", width), ("height", height)):
             if v % 8 or not MIN_SIZE <= v <= MAX_SIZE:
-                raise SdcoreError(
+                raise UsageError(
                     f"{what}: {name} {v} is not supported: it must be a multiple of 8 between {MIN_SIZE} and "
                     f"{MAX_SIZE} (this model was trained at {self.default_size}x{self.default_size}); "
-                    f"sdcore never resizes silently.", exit_code=2)
+                    f"sdcore never resizes silently.")
         return width, height
 
     def _generate(self, *, mode, prompt, negative_prompt, steps, guidance_scale, sampler, width, height, seed,
@@ -318,42 +318,42 @@ class StableDiffusion:
             tome = None
 
         if not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise SdcoreError(f"steps must be an integer between 1 and 1000, got {steps!r}.", exit_code=2)
+            raise UsageError(f"steps must be an integer between 1 and 1000, got {steps!r}.")
         if not 0.0 <= guidance_scale <= 100.0:
-            raise SdcoreError(f"guidance scale must be between 0 and 100, got {guidance_scale}.", exit_code=2)
+            raise UsageError(f"guidance scale must be between 0 and 100, got {guidance_scale}.")
         if not isinstance(batch_size, int) or not 1 <= batch_size <= 64:
-            raise SdcoreError(f"batch size must be between 1 and 64, got {batch_size!r}.", exit_code=2)
+            raise UsageError(f"batch size must be between 1 and 64, got {batch_size!r}.")
         if clip_skip is not None and not 0 <= clip_skip < self.configs["text_encoder"]["num_hidden_layers"]:
-            raise SdcoreError(f"clip skip {clip_skip} is out of range for a "
-                              f"{self.configs['text_encoder']['num_hidden_layers']}-layer text encoder.", exit_code=2)
+            raise UsageError(f"clip skip {clip_skip} is out of range for a "
+                              f"{self.configs['text_encoder']['num_hidden_layers']}-layer text encoder.")
         if mode == "txt2img" and self.inpainting:
-            raise SdcoreError("this is an inpainting model (9-channel UNet): use inpaint, not txt2img.", exit_code=2)
+            raise UsageError("this is an inpainting model (9-channel UNet): use inpaint, not txt2img.")
         if mode == "img2img" and self.inpainting:
-            raise SdcoreError("this is an inpainting model (9-channel UNet): use inpaint, not img2img.", exit_code=2)
+            raise UsageError("this is an inpainting model (9-channel UNet): use inpaint, not img2img.")
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**32))
         if not 0 <= seed < 2**63:
-            raise SdcoreError(f"seed must be between 0 and 2^63-1, got {seed}.", exit_code=2)
+            raise UsageError(f"seed must be between 0 and 2^63-1, got {seed}.")
 
         h, w = height // self.vae_scale, width // self.vae_scale
         lat_shape = (4, h, w)
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float64)
             if latents.shape != (batch_size, *lat_shape):
-                raise SdcoreError(f"latents have shape {latents.shape}, expected {(batch_size, *lat_shape)} "
-                                  f"for {width}x{height} and batch size {batch_size}.", exit_code=2)
+                raise UsageError(f"latents have shape {latents.shape}, expected {(batch_size, *lat_shape)} "
+                                  f"for {width}x{height} and batch size {batch_size}.")
 
         try:  # an unknown name or a bad strength fails here, before any work
             probe = make_sampler(sampler, self.scheduler_config, steps)
             start_index = probe.img2img_start(strength) if mode != "txt2img" and strength < 1.0 else 0
         except SdcoreError as err:
-            raise SdcoreError(str(err), exit_code=2) from None
+            raise UsageError(str(err)) from None
         n_steps = len(probe.timesteps)
         # diffusers' get_timesteps: int(strength * steps) steps run, from index (steps - that) * order
         t_start = 0 if mode == "txt2img" or (mode == "inpaint" and strength >= 1.0) else start_index
         if t_start >= n_steps:
-            raise SdcoreError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
-                              f"or the number of steps.", exit_code=2)
+            raise UsageError(f"strength {strength} with {steps} steps runs no step at all: raise the strength "
+                              f"or the number of steps.")
 
         unet_config = self.unet_config
         if tome is not None:  # a size ToMe cannot merge at fails here, before any work
@@ -362,7 +362,7 @@ class StableDiffusion:
             try:
                 tome_plans(unet_config, tome, batch_size * (2 if guidance_scale > 1.0 else 1), h, w)
             except SdcoreError as err:
-                raise SdcoreError(str(err), exit_code=2) from None
+                raise UsageError(str(err)) from None
 
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -496,14 +496,14 @@ def _tome(ratio: float, tome):
 
     if tome is not None:
         if ratio and ratio != tome.ratio:
-            raise SdcoreError(f"tome_ratio={ratio} contradicts tome.ratio={tome.ratio}: give one of them.", exit_code=2)
+            raise UsageError(f"tome_ratio={ratio} contradicts tome.ratio={tome.ratio}: give one of them.")
         return tome
     if not ratio:
         return None
     try:
         return ToMeConfig(ratio=float(ratio))
     except SdcoreError as err:
-        raise SdcoreError(str(err), exit_code=2) from None
+        raise UsageError(str(err)) from None
 
 
 def randn(rng: np.random.Generator, shape) -> np.ndarray:
@@ -517,4 +517,4 @@ def _first(out):
 
 def _check_strength(strength: float) -> None:
     if not 0.0 < strength <= 1.0:
-        raise SdcoreError(f"strength must be greater than 0 and at most 1, got {strength}.", exit_code=2)
+        raise UsageError(f"strength must be greater than 0 and at most 1, got {strength}.")

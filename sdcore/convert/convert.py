@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import sdcore
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 from sdcore import weights
 
 SUPPORTED_DTYPES = ("float32", "float16")
@@ -71,10 +71,10 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "
     """Convert `src` into the model directory `output`; returns its path. Prints what it decided."""
     src, output = Path(src), Path(output)
     if dtype not in SUPPORTED_DTYPES:
-        raise SdcoreError(f"unsupported dtype {dtype!r}: choose one of {', '.join(SUPPORTED_DTYPES)}.", exit_code=2)
+        raise UsageError(f"unsupported dtype {dtype!r}: choose one of {', '.join(SUPPORTED_DTYPES)}.")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise SdcoreError(f"unknown prediction type {prediction_type!r}: choose one of "
-                          f"{', '.join(PREDICTION_TYPES)}.", exit_code=2)
+        raise UsageError(f"unknown prediction type {prediction_type!r}: choose one of "
+                          f"{', '.join(PREDICTION_TYPES)}.")
     if not src.exists():
         raise SdcoreError(f"{src} does not exist.")
     if output.exists() and not overwrite:
