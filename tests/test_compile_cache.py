@@ -97,7 +97,7 @@ def test_heap_trim_found_and_returns_freed_memory():
     threshold otherwise stay resident (534 MiB after binding SD1.5's UNet)."""
     import ctypes
 
-    from sdcore import compile as compile_mod
+    from sdcore.compile import runtime as compile_mod
 
     assert compile_mod._malloc_trim is not None
 

@@ -150,7 +150,7 @@ def test_unknown_dtype_is_refused():
 def test_cuda_build_without_a_kernel_compiler_names_the_problem(monkeypatch):
     import builtins
 
-    from sdcore.compile import _check_cuda_compiler
+    from sdcore.compile.targets import check_cuda_compiler
     from sdcore.errors import SdcoreError
 
     real_import = builtins.__import__
@@ -164,4 +164,4 @@ def test_cuda_build_without_a_kernel_compiler_names_the_problem(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_cuda_bindings)
     monkeypatch.setattr(shutil, "which", lambda _name: None)
     with pytest.raises(SdcoreError, match="needs NVRTC"):
-        _check_cuda_compiler()
+        check_cuda_compiler()
