@@ -25,12 +25,26 @@ COMPONENTS = {
     "vae": ("sdcore.vae", "VAEConfig", "AutoencoderKL", "diffusion_pytorch_model"),
 }
 
+# The level transformers 4.x and the published SD checkpoints put above CLIPTextModel's names, which
+# sdcore's names keep; transformers 5 saves and loads the model without it.
+TEXT_MODEL_LEVEL = "text_model."
+
 # Tensors that checkpoints carry but that are not parameters: dropped when found, never required.
 IGNORED_KEYS = {
     "text_encoder": {"text_model.embeddings.position_ids"},  # a buffer of arange(77) in older transformers
     "unet": set(),
     "vae": set(),
 }
+
+
+def is_ignored_key(component: str, key: str) -> bool:
+    """Whether `key` is a tensor a checkpoint of `component` may carry that is not a parameter.
+
+    The text encoder's keys are matched with or without the "text_model." level (transformers 5
+    saves CLIPTextModel without it).
+    """
+    ignored = IGNORED_KEYS[component]
+    return key in ignored or (component == "text_encoder" and TEXT_MODEL_LEVEL + key in ignored)
 
 
 def model_classes(component: str):
@@ -61,7 +75,7 @@ def check_state_dict(component: str, state: dict[str, np.ndarray], expected: dic
     or in IGNORED_KEYS. Errors name the first offending key.
     """
     where = f" in {source}" if source else ""
-    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS[component]}
+    state = {k: v for k, v in state.items() if not is_ignored_key(component, k)}
     for name, shape in expected.items():
         if name not in state:
             raise SdcoreError(f"{component}: weight {name} is missing{where} ({len(expected)} expected, "
