@@ -11,7 +11,6 @@ Where the weights sit in a pickle follows what diffusers' `convert_from_ckpt` an
 or `model` / `module`.
 """
 
-import hashlib
 import json
 import os
 import struct
@@ -20,6 +19,7 @@ import numpy as np
 
 from sdcore.convert.torch_pickle import InertObject, PendingTensor, load_torch_pickle
 from sdcore.errors import SdcoreError
+from sdcore.hashing import sha256_file
 
 # safetensors dtype -> (torch-style name used in metadata, NumPy dtype of the stored elements)
 _SAFETENSORS_DTYPES = {
@@ -55,11 +55,10 @@ _KNOWN_MAGIC = (
 
 
 def sha256_10(path) -> str:
-    """First 10 hex digits of the file's SHA-256: A1111's "model hash" (read in chunks)."""
+    """First 10 hex digits of the file's SHA-256: A1111's "model hash"."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()[:10]
+        return sha256_file(path)[:10]
     except FileNotFoundError:
         raise SdcoreError(f"checkpoint {path} does not exist") from None
     except IsADirectoryError:

@@ -9,7 +9,6 @@ the output and renamed into place, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import numpy as np
 import sdcore
 from sdcore.errors import SdcoreError, UsageError
 from sdcore import weights
+from sdcore.hashing import sha256_files
 
 SUPPORTED_DTYPES = ("float32", "float16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -117,7 +117,7 @@ def _from_diffusers(src: Path, prediction_type: str | None) -> Converted:
                           f"{', '.join(missing)}/.")
     notes = [f"source: diffusers folder {src}"]
     components = {}
-    digest = hashlib.sha256()
+    weight_files = []
     for name, candidates in _DIFFUSERS_FILES.items():
         config = _read_json(src / name / "config.json")
         found = [src / name / f for f in candidates if (src / name / f).exists()]
@@ -126,9 +126,7 @@ def _from_diffusers(src: Path, prediction_type: str | None) -> Converted:
                 raise SdcoreError(f"{src / name} holds sharded weights, which sdcore does not read yet.")
             raise SdcoreError(f"{src / name} has no weights (looked for {', '.join(candidates)}).")
         state, _meta = read_state_dict(found[0])
-        with open(found[0], "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        weight_files.append(found[0])
         if name == "text_encoder":
             # transformers 5 saves CLIPTextModel without the "text_model." level that 4.x and the
             # published SD checkpoints have; sdcore's names keep it
@@ -158,7 +156,7 @@ def _from_diffusers(src: Path, prediction_type: str | None) -> Converted:
     scheduler["prediction_type"] = prediction_type
     notes.append(decided)
     return Converted(components, scheduler, family, inpainting, prediction_type, "diffusers",
-                     digest.hexdigest()[:10], src / "tokenizer", notes)
+                     sha256_files(weight_files)[:10], src / "tokenizer", notes)
 
 
 def _clean_config(config: dict) -> dict:
