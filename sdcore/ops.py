@@ -18,7 +18,7 @@ _CPU_LANES = contextvars.ContextVar("sdcore_cpu_lanes", default=16)
 def kernels_for(target):
     """While a module is exported for `target` (a TVM Target): the CPU kernels only for llvm, tiled
     for its vector width."""
-    from sdcore.schedule.cpu import vector_lanes
+    from sdcore.schedule.common import vector_lanes
 
     token = _CPU_LANES.set(vector_lanes(target) if target.kind.name == "llvm" else 0)
     try:

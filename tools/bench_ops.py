@@ -7,7 +7,7 @@ tests of its constants.
 `--conv C,O,HW[,BATCH]` is a 3x3 convolution (padding 1) from C to O channels on HW x HW images,
 `--linear B,M,K,N` a Linear from K to N features on [B, M, K]. Every variant is built in this
 process (sdcore's default schedule as "sdcore", plus each `--variant NAME:ATTR=VALUE[,ATTR=VALUE]`,
-which sets module constants of sdcore.schedule.cpu or sdcore.ops while it builds), each checked against PyTorch,
+which sets module constants of sdcore.schedule's modules while it builds), each checked against PyTorch,
 then all are called in turn, PyTorch among them, `--runs` times; the table gives the minimum, its
 GFLOP/s and its ratio to PyTorch's minimum. Not a test: times on shared machines drift, compare the
 ratios of one run.
@@ -118,17 +118,21 @@ def main(argv=None) -> int:
     import torch
     from tvm.relax.frontend import nn
 
-    import sdcore.ops
-    import sdcore.schedule.cpu
+    import importlib
+    import pkgutil
+
+    import sdcore.schedule
     from sdcore.compile import build, set_threads
 
+    modules = [importlib.import_module(f"sdcore.schedule.{m.name}") for m in pkgutil.iter_modules(sdcore.schedule.__path__)]
+
     def home(attr):  # the module a variant's constant lives in
-        return next((m for m in (sdcore.schedule.cpu, sdcore.ops) if hasattr(m, attr)), None)
+        return next((m for m in modules if hasattr(m, attr)), None)
 
     for _, values in variants:
         for attr in values:
             if home(attr) is None:
-                parser.error(f"neither sdcore.schedule.cpu nor sdcore.ops has {attr}")
+                parser.error(f"no module of sdcore.schedule has {attr}")
     torch.set_num_threads(args.threads)
     set_threads(args.threads)
 

@@ -1,6 +1,7 @@
-"""Schedules for the fused TIR functions of a Relax module (see `cpu` for the CPU rules)."""
+"""Schedules for the fused TIR functions of a Relax module (see `cpu` for how the CPU rules fit together)."""
 
+from sdcore.schedule.common import vector_lanes
 from sdcore.schedule.cpu import Conv2d, Generic, Matmul, schedule_cpu
 from sdcore.schedule.fastmath import FastExp
 
-__all__ = ["Conv2d", "FastExp", "Generic", "Matmul", "schedule_cpu"]
+__all__ = ["Conv2d", "FastExp", "Generic", "Matmul", "schedule_cpu", "vector_lanes"]

@@ -36,7 +36,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu import WINOGRAD_U
+from sdcore.schedule.matmul import WINOGRAD_U
 
 
 def tiles(n: int, h: int, w: int) -> tuple[int, int, int]:

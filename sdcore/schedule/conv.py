@@ -1,0 +1,171 @@
+"""The CPU rule for direct NCHW convolutions: `Conv2d`. See sdcore/schedule/cpu.py for how the
+rules fit together."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.target import Target
+
+from sdcore.schedule.common import (
+    accumulators,
+    inline_consumers,
+    inline_spatial,
+    is_spatial,
+    parallel_copy,
+    pick,
+    root_blocks,
+    vector_lanes,
+)
+
+
+_CONV_INPUT_BYTES = 512 * 1024  # input rows per conv task (image-major order): half the L2
+_CONV_COPY_1X1_BYTES = 64 << 20  # 1x1 inputs up to this size are copied to [N, H, C, W] first
+_RC_BLOCK = 8  # input channels per reduction block of an AVX2 3x3 conv (see Conv2d) ...
+_RC_TILES = 2  # ... channel tiles (of 4) and
+_RC_COLUMNS = 64  # ... output columns a task's strip has
+
+
+class Conv2d(dlight.ScheduleRule):
+    """NCHW direct convolution: (FR output channels x YR rows x XR columns) accumulators in registers.
+
+    The padding block stays a separate, parallel copy (inlining it would put a bounds check on every
+    input load of the inner loop), in the [N, H, C, W] layout; every other injective producer is
+    inlined into the reads.
+    """
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        # No normalize_prim_func here: it drops unit loops (batch 1, 1x1 windows), and the loop
+        # order (n, f, y, x, rc, ry, rx) of the legalized conv2d is what the tiling below expects.
+        sch = s_tir.Schedule(func)
+        blocks = root_blocks(sch)
+        if blocks is None:
+            return None
+        reductions = [b for b in blocks if not is_spatial(sch.get(b))]
+        if len(reductions) != 1:
+            return None
+        stmt = sch.get(reductions[0])
+        kinds = "".join("S" if it.iter_type == tirx.IterVar.DataPar else "R" for it in stmt.iter_vars)
+        if kinds != "SSSSRRR" or len(sch.get_loops(reductions[0])) != 7:
+            return None
+        if not stmt.name_hint.startswith("conv2d_nchw") or len(stmt.reads) != 2:
+            return None
+        if any(not isinstance(it.dom.extent, tirx.IntImm) for it in stmt.iter_vars):
+            return None
+        _, f, h, w = (int(it.dom.extent) for it in stmt.iter_vars[:4])
+        window = [int(it.dom.extent) for it in stmt.iter_vars[5:]]
+        lanes = vector_lanes(target)
+        name = stmt.name_hint
+        # a 1x1 window reads its input directly: the (zero-width) padding copy is inlined
+        pad = stmt.reads[0].source.name if window != [1, 1] else None
+        inline_spatial(sch, keep={name, pad})
+        block = sch.get_sblock(name)
+        copy = None
+        c_in = int(stmt.iter_vars[4].dom.extent)
+        if pad is None and int(stmt.iter_vars[0].dom.extent) * c_in * h * w * 4 <= _CONV_COPY_1X1_BYTES:
+            # a 1x1 window reads its input in NCHW, one row piece per channel 16 KB apart at 64x64:
+            # copy it to [N, H, C, W] first, as the padding copy of a 3x3 is (UNet 640->320 at
+            # 64x64: 26 -> 14 ms, torch 12; 2560->1280 at 16x16: 25 -> 15, torch 12; the copy
+            # costs more than it saves on the VAE's 268 MB inputs)
+            copy = sch.cache_read(block, 0, "global")
+        writeback = sch.cache_write(block, 0, "local")
+        inline_consumers(sch, writeback)
+
+        row_tile = window != [1, 1] and w % lanes == 0 and f % 4 == 0
+        # AVX2 3x3 convs over rows of 32+ columns block their reduction by input channel (below)
+        blocked = row_tile and lanes == 8 and w >= 32 and c_in % _RC_BLOCK == 0 and c_in > _RC_BLOCK
+        if row_tile:
+            # 3x3: one vector per output row, 4 rows x 4 channels (16 accumulators). Per input channel
+            # and tap that is 4 input loads and 4 weight broadcasts for 16 FMAs, against 2 + 8 for
+            # 2 vectors x 8 channels; measured 1 thread, vs that tiling: VAE 128->128 at 512x512
+            # 112 -> 135 GFLOP/s, 512->512 at 128x128 139 -> 161, UNet 320->320 at 64x64 143 -> 164
+            # On AVX2 (8 accumulators) 4 channels x 2 rows, not 2 x 4: each input vector loaded then
+            # serves 4 channels, and a task re-reads the input once per 4 output channels, not 2.
+            budget = 2 * accumulators(lanes) // 3
+            xr, yr = lanes, pick([r for r in (4, 2, 1) if 4 * r <= budget], h, 1)
+            vecs = yr
+            fr = pick([c for c in (8, 4, 2, 1) if c * vecs <= budget], f, 1)
+        else:
+            if w % (2 * lanes) == 0:
+                xr = 2 * lanes
+            elif w % lanes == 0 or w > 2 * lanes:
+                xr = lanes
+            else:
+                xr = w
+            yr = pick([r for r in (4, 2, 1) if r * xr <= 2 * lanes], h, 1)
+            vecs = yr * -(-xr // lanes)
+            fr = pick([c for c in (12, 8, 6, 5, 4, 3, 2, 1) if c * vecs <= accumulators(lanes)], f, 1)
+            if fr * vecs <= accumulators(lanes) // 2 and xr == 2 * lanes and w % (4 * lanes) == 0:
+                xr, vecs = 4 * lanes, 2 * vecs
+
+        n_, f_, y_, x_, *red = sch.get_loops(block)
+        rc = red[0]
+        f_o, f_i = sch.split(f_, [None, fr])
+        y_o, y_i = sch.split(y_, [None, yr])
+        x_o, x_i = sch.split(x_, [None, xr])
+        # Tasks walk rows inside channel blocks when the weights are the larger operand (deep, low
+        # resolution layers) and channel blocks inside rows when the image is (a VAE decoder at
+        # 512x512 would otherwise stream its whole input from memory once per channel block).
+        image_major = c_in * h * w > f * c_in * window[0] * window[1]
+        if blocked:
+            # The reduction walks 8 input channels at a time (rc_o), and within each block every
+            # tile of the task's strip (2 channel tiles x 64 columns): the block's input rows and
+            # weights (8 channels x 4 rows x 66 columns + 8 x 8 x 9 weights: 11 KB) stay in the
+            # 32 KB L1 while the tiles walk across them, and the strip's accumulators (8 x 2 x 64
+            # floats, 4 KB) are loaded and stored once per 576 FMAs. Unblocked, a tile walked every
+            # input channel (512 x 4 rows: ~150 KB) and its neighbour found none of it in the L1,
+            # and a task's rows (540 KB at 512 channels x 64 columns) did not fit the Zen 3's 512 KB
+            # L2 either. 1 thread, same process, min of 3, unblocked -> blocked (torch), Zen 3:
+            # VAE 512->512 at 64x64 1057 -> 290 ms (227), at 128x128 1484 -> 1310 (1140), 128->128
+            # at 512x512 1591 -> 1386 (1297), 256->256 at 256x256 1492 -> 1530 (1167); UNet, batch
+            # 2: 320->320 at 64x64 223 -> 201 (180), 960->320 at 64x64 867 -> 614 (535), 1920->640
+            # at 32x32 764 -> 571 (567). Unblocked times also swung 2-4x between processes (512 at
+            # 64x64: 280-1100 ms), blocked ones ~10%. 4 channel tiles per strip instead of 2: VAE
+            # 5% faster, UNet at 64x64 15% slower. At 16x16 and 8x8 (UNet, 1280 channels) blocking
+            # measured 5-15% slower, so it starts at 32 columns. Not measured on AVX-512.
+            rc_o, rc_i = sch.split(rc, [None, _RC_BLOCK])
+            tiles = w // xr
+            strip = pick([t for t in range(tiles, 0, -1) if t * xr <= _RC_COLUMNS], tiles, 1)
+            x_oo, x_o = sch.split(x_o, [None, strip])
+            f_oo, f_b = sch.split(f_o, [None, pick(range(_RC_TILES, 0, -1), f // fr, 1)])
+            task = [n_, y_o, x_oo, f_oo] if image_major else [n_, f_oo, y_o, x_oo]
+            sch.reorder(*task, rc_o, f_b, x_o, rc_i, *red[1:], y_i, f_i, x_i)
+            task = sch.fuse(*task)
+            sch.parallel(task)
+            sch.reverse_compute_at(writeback, task, preserve_unit_loops=True)
+            rc = rc_o
+        elif image_major:
+            # A task takes a chunk of the row whose input rows (all channels) fit ~512 KiB, and
+            # consecutive tasks the next channel blocks of that chunk: with whole rows (256
+            # channels x 3 rows x 514 columns = 1.6 MB at 512x512) the input fell out of the L2 between
+            # tasks, and the VAE's 256->256 conv at 512x512 ran at 68 GFLOP/s (93-109 chunked).
+            tiles = w // xr
+            chunk = pick([t for t in range(tiles, 0, -1)
+                           if c_in * (window[0] + yr - 1) * (t * xr + window[1] - 1) * 4 <= _CONV_INPUT_BYTES], tiles, 1)
+            x_oo, x_o = sch.split(x_o, [None, chunk])
+            sch.reorder(n_, y_o, x_oo, f_o, x_o, *red, y_i, f_i, x_i)
+            sch.parallel(sch.fuse(n_, y_o, x_oo, f_o))
+        else:
+            sch.reorder(n_, f_o, y_o, x_o, *red, y_i, f_i, x_i)
+            sch.parallel(sch.fuse(n_, f_o, y_o))
+        if not blocked:
+            sch.reverse_compute_at(writeback, x_o, preserve_unit_loops=True)
+        sch.unroll(y_i)
+        sch.unroll(f_i)
+        sch.vectorize(x_i)
+        init = sch.decompose_reduction(block, rc)
+        init_loops = sch.get_loops(init)
+        sch.vectorize(init_loops[-1])
+        sch.vectorize(sch.get_loops(writeback)[-1])
+        if copy is not None:  # parallel over (n, row, channel), vectorized along the row
+            sch.transform_layout(copy, ("write", 0), lambda n, c, y, x: (n, y, c, x))
+            parallel_copy(sch, copy)
+        if pad is not None:  # the padding copy: parallel over (n, c, row), vectorized along the row
+            # ... written as [N, H, C, W]: a task's input rows for every channel are then one
+            # contiguous range, not C planes apart. In NCHW a 1920-channel 32x32 input is 9 MB, a
+            # task touched a page per channel, and the conv ran at 81 GFLOP/s (153 in this layout).
+            sch.transform_layout(sch.get_sblock(pad), ("write", 0), lambda n, c, y, x: (n, y, c, x))
+            parallel_copy(sch, sch.get_sblock(pad))
+        return sch
