@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sdcore.hashing import sha256_file
+
 logger = logging.getLogger("sdcore.compile")
 
 
@@ -26,15 +28,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["SDCORE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sdcore"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def entry(cache_dir, name: str, key_fields: dict) -> tuple[Path, Path]:

@@ -3,9 +3,10 @@ rules in place of TVM's defaults, and the weight transforms lifted out of every 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
+
+from sdcore.hashing import sha256_files
 
 
 def lift_weight_transforms(ir_mod, target, schedule: bool, spec) -> tuple[Any, dict[str, str]]:
@@ -62,18 +63,11 @@ def relax_pipeline(target, schedule: bool = True):
 
 
 def pipeline_id(target, schedule: bool = True) -> str:
-    """Names the pipeline in the cache key; the schedule rules' source is part of it, so editing a
-    rule invalidates the libraries built with the old one."""
+    """Names the pipeline in the cache key; the source of the schedule package and of this module is
+    part of it, so editing a rule or a pass invalidates the libraries built with the old one."""
     if not schedule or target.kind.name not in ("llvm", "cuda"):
         return "default-v1"
-    if target.kind.name == "cuda":
-        from sdcore.schedule import gpu
-
-        return "cuda-dlight-lift-" + hashlib.sha256(Path(gpu.__file__).read_bytes()).hexdigest()[:16]
     from sdcore import schedule
 
-    h = hashlib.sha256()
-    for path in sorted(Path(schedule.__file__).parent.glob("*.py")):
-        h.update(path.read_bytes())
-    return "cpu-schedule-lift-" + h.hexdigest()[:16]
-
+    sources = sorted(Path(schedule.__file__).parent.glob("*.py")) + [Path(__file__)]
+    return f"{target.kind.name}-schedule-lift-" + sha256_files(sources)[:16]
