@@ -1,66 +1,57 @@
 """The UNet's configuration: diffusers' `UNet2DConditionModel` config.json, restricted to what SD1.x/SD2.x use.
 
-Reference: diffusers/models/unets/unet_2d_condition.py (`UNet2DConditionModel.__init__`).
-
-Every key of a diffusers config is either a field here, on the ignore list (bookkeeping or inference
-no-ops), or an option sdcore does not implement: those must hold their inert default, otherwise
-`from_dict` raises naming the option. Nothing is silently dropped.
+Reference: diffusers/models/unets/unet_2d_condition.py (`UNet2DConditionModel.__init__`). Every key
+is a field here, on the ignore table with its reason, or an option sdcore does not implement that
+must hold its inert value (sdcore/config.py reads them all the same way for the three networks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
+from sdcore.config import ConfigBase, check_sample_size, sample_hw
 from sdcore.errors import SdcoreError
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 
-# Keys that do not change the network sdcore builds: bookkeeping written by diffusers, the training
-# sample size, dropout (inference only), and the head count of an addition embedding sdcore refuses
-# anyway (addition_embed_type must be None).
-IGNORED_KEYS = frozenset({
-    "_class_name",
-    "_diffusers_version",
-    "_name_or_path",
-    "_use_default_values",
-    "sample_size",
-    "dropout",
-    "addition_embed_type_num_heads",
-})
-
-# Options sdcore does not implement, with the only value accepted (diffusers' default, which leaves
-# the network as SD1.x/SD2.x have it). Any other value raises.
-UNSUPPORTED_OPTIONS: dict[str, Any] = {
-    "center_input_sample": False,
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "num_attention_heads": None,  # diffusers itself refuses it (the attention_head_dim naming issue)
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "num_class_embeds": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,  # not passed to the SD block types by diffusers; refused to stay explicit
-    "time_embedding_type": "positional",
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,  # only read by UNetMidBlock2DSimpleCrossAttn
-    "cross_attention_norm": None,
+# Keys that do not change the network sdcore builds, with why.
+IGNORED = {
+    "_diffusers_version": "bookkeeping written by diffusers",
+    "_name_or_path": "bookkeeping written by diffusers",
+    "_use_default_values": "bookkeeping written by diffusers",
+    "dropout": "training only (inference runs without dropout)",
+    "addition_embed_type_num_heads": "read only with addition_embed_type, which must be null",
 }
-# Values diffusers writes that mean the same inert setting.
-_ALSO_INERT = {"mid_block_only_cross_attention": (False,)}
+
+# Options sdcore does not implement -> the values accepted: diffusers' default, which leaves the
+# network as SD1.x/SD2.x have it (and values diffusers writes that mean the same). Any other value raises.
+UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "center_input_sample": (False,),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "num_attention_heads": (None,),  # diffusers itself refuses it (the attention_head_dim naming issue)
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "num_class_embeds": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),  # not passed to the SD block types by diffusers; refused to stay explicit
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),  # only read by UNetMidBlock2DSimpleCrossAttn
+    "cross_attention_norm": (None,),
+}
 
 
 def _per_block(value, n: int, name: str) -> tuple:
@@ -73,8 +64,13 @@ def _per_block(value, n: int, name: str) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigBase):
     """diffusers `UNet2DConditionModel` config (the fields SD1.x/SD2.x set). Defaults are diffusers'."""
+
+    TITLE = "UNet"
+    CLASS_KEY = ("_class_name", "UNet2DConditionModel")
+    IGNORED = IGNORED
+    UNSUPPORTED_OPTIONS = UNSUPPORTED_OPTIONS
 
     in_channels: int = 4  # 9 for the inpainting UNet (latents + mask + masked-image latents)
     out_channels: int = 4
@@ -103,8 +99,13 @@ class UNetConfig:
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # The training resolution in latents, an int or [height, width]: the pipeline's default image
+    # size. Not part of the network, so configs that differ only here are equal.
+    sample_size: int | tuple[int, int] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
+        if self.sample_size is not None:
+            check_sample_size("UNet", self.sample_size)
         n = len(self.down_block_types)
         for name in ("down_block_types", "up_block_types", "block_out_channels"):
             value = getattr(self, name)
@@ -172,32 +173,10 @@ class UNetConfig:
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
     @property
+    def sample_hw(self) -> tuple[int, int] | None:
+        """(height, width) of sample_size in latents, or None when the config has none."""
+        return None if self.sample_size is None else sample_hw(self.sample_size)
+
+    @property
     def num_upsamplers(self) -> int:
         return self.num_blocks - 1
-
-    # ---- loading
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        """Build from a diffusers config dict; unknown keys or unsupported option values raise."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in fields and k not in IGNORED_KEYS and k not in UNSUPPORTED_OPTIONS)
-        if unknown:
-            raise SdcoreError(f"UNet config: unknown key(s) {unknown}.")
-        for key, inert in UNSUPPORTED_OPTIONS.items():
-            if key in d and d[key] != inert and d[key] not in _ALSO_INERT.get(key, ()):
-                raise SdcoreError(f"UNet config: {key}={d[key]!r} is not supported by sdcore "
-                                  f"(SD1.x/SD2.x use {inert!r}).")
-        kwargs = {}
-        for k, v in d.items():
-            if k in fields:
-                kwargs[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs)
-
-    @classmethod
-    def from_json(cls, path) -> "UNetConfig":
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise SdcoreError(f"cannot read the UNet config {path}: {err}.") from err
-        return cls.from_dict(d)

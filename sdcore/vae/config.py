@@ -2,34 +2,49 @@
 
 Reference: diffusers/models/autoencoders/autoencoder_kl.py (`AutoencoderKL.__init__`). Defaults are
 diffusers' defaults (a one-block toy VAE), so a config.json that omits a key means what it means to
-diffusers; `SD_VAE_CONFIG` is the SD1.x/SD2.x VAE. Bookkeeping keys are on `IGNORED_KEYS`; any other
-unknown key or unsupported value raises SdcoreError.
+diffusers; `SD_VAE_CONFIG` is the SD1.x/SD2.x VAE. Keys are read as sdcore/config.py describes:
+a field, an ignored key with its reason, or an unsupported option that must hold its inert value.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
+from sdcore.config import ConfigBase, check_sample_size, sample_hw
 from sdcore.errors import SdcoreError
+from sdcore.presets import PRESETS
 
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
 SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
 # diffusers' get_activation maps both names to torch.nn.SiLU.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
-# Keys diffusers' ConfigMixin writes for itself; none of them shapes the network.
-IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+IGNORED = {
+    "_diffusers_version": "bookkeeping written by diffusers",
+    "_name_or_path": "bookkeeping written by diffusers",
+    "_use_default_values": "bookkeeping written by diffusers",
+    # diffusers' pipelines run the VAE in float32 when this is set and the rest is float16; sdcore's
+    # VAE is always float32, which is what it asks for (False would only allow float16)
+    "force_upcast": "sdcore always runs the VAE in float32",
+}
 
-
-def _as_tuple(value):
-    return tuple(value) if isinstance(value, list) else value
+# Latent normalisation of later models (SD3, Flux: shift_factor; SDXL-style per-channel
+# latents_mean/std): the pipeline applies scaling_factor only, so only their null is accepted,
+# which is what SD1.x/SD2.x configs carry.
+UNSUPPORTED_OPTIONS = {
+    "latents_mean": (None,),
+    "latents_std": (None,),
+}
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ConfigBase):
     """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022)."""
+
+    TITLE = "VAE"
+    CLASS_KEY = ("_class_name", "AutoencoderKL")
+    IGNORED = IGNORED
+    UNSUPPORTED_OPTIONS = UNSUPPORTED_OPTIONS
 
     in_channels: int = 3
     out_channels: int = 3
@@ -40,19 +55,22 @@ class VAEConfig:
     act_fn: str = "silu"
     latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int | tuple[int, ...] = 32  # training resolution; only diffusers' tiling reads it
+    # The training resolution in pixels, an int or [height, width]: not part of the network, so
+    # configs that differ only here are equal.
+    sample_size: int | tuple[int, int] = dataclasses.field(default=32, compare=False)
     # Host-side latent scaling (the pipeline applies it, the compiled functions never do):
-    # z = (latent - shift_factor) * scaling_factor; shift_factor is None for SD1.x/SD2.x.
+    # z = latent * scaling_factor.
     scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    latents_mean: tuple[float, ...] | None = None
-    latents_std: tuple[float, ...] | None = None
-    force_upcast: bool = True  # the pipeline runs this VAE in float32 when the rest is half precision
+    shift_factor: None = None  # z = (latent - shift_factor) * scaling_factor elsewhere: only None is read
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
     def __post_init__(self):
+        check_sample_size("VAE", self.sample_size)
+        if self.shift_factor is not None:
+            raise SdcoreError(f"VAE config: shift_factor={self.shift_factor!r} is not supported by sdcore (it "
+                              f"implements None: the pipeline applies scaling_factor only).")
         for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
             _check_positive_int(key, getattr(self, key))
         if not self.block_out_channels:
@@ -78,30 +96,14 @@ class VAEConfig:
                 )
 
     @property
+    def sample_hw(self) -> tuple[int, int]:
+        """(height, width) of sample_size in pixels."""
+        return sample_hw(self.sample_size)
+
+    @property
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for SD): one halving per block but the last."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        """Read a diffusers AutoencoderKL config dict; unknown keys and unsupported values raise SdcoreError."""
-        class_name = d.get("_class_name", "AutoencoderKL")
-        if class_name != "AutoencoderKL":
-            raise SdcoreError(f"VAE class {class_name!r} is not supported (expected 'AutoencoderKL').")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in fields and k not in IGNORED_KEYS)
-        if unknown:
-            raise SdcoreError(f"VAE config has unknown keys: {', '.join(unknown)}.")
-        return cls(**{k: _as_tuple(v) for k, v in d.items() if k in fields})
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "VAEConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise SdcoreError(f"cannot read VAE config {os.fspath(path)}: {err}.") from err
-        return cls.from_dict(d)
 
 
 def _check_positive_int(key: str, value) -> None:
@@ -110,10 +112,4 @@ def _check_positive_int(key: str, value) -> None:
 
 
 # The VAE of SD1.x and SD2.x (stable-diffusion-v1-5/vae/config.json, stabilityai/stable-diffusion-2-1/vae).
-SD_VAE_CONFIG = VAEConfig(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    sample_size=512,
-)
+SD_VAE_CONFIG = VAEConfig.from_dict(PRESETS["sd15"]["vae"])
