@@ -94,11 +94,9 @@ def export(module, spec: dict[str, dict[str, Any]], target, *, debug: bool = Fal
 
     with kernels_for(target):
         ir_mod, named_params = module.export_tvm(spec=spec, debug=debug)
-    # TVMScript's parser (the hand-written kernels are parsed during the export) keeps
-    # inspect.stack() records in reference cycles, and they hold every caller's frame: collected
-    # only when Python's cycle collector happens to run, a caller's locals stayed alive (the
-    # pipeline's untransposed UNet weights, 1 GB; a parity test's torch and sdcore models, until
-    # `pytest -m slow` ran out of 24 GB)
+    # TVMScript's parser keeps inspect.stack() records in reference cycles, and they hold every
+    # caller's frame: until Python's cycle collector happens to run, a caller's locals (the
+    # pipeline's loaded weights, a parity test's torch model) stay alive
     gc.collect()
     return ir_mod, named_params
 

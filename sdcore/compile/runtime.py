@@ -58,7 +58,7 @@ def trim_heap() -> None:
     Weight tensors and activations are malloc'd. glibc serves blocks under its mmap threshold from
     the heap, and that threshold rises to 32 MB once a larger block is freed, so after the weights
     are bound (each read, copied and, for a Linear, transposed) hundreds of MB of freed blocks stay
-    resident: 534 MiB after binding SD1.5's UNet, measured. The pipeline calls this after binding
+    resident (docs/performance.md has the figure for SD1.5's UNet). The pipeline calls this after binding
     weights and between stages.
     """
     if _malloc_trim is not None:

@@ -12,8 +12,8 @@ def vector_lanes(target: Target) -> int:
     """float32 lanes of the target's vector registers: 16 with AVX-512, 8 with AVX/AVX2, else 4.
 
     From the target's CPU features; not TVM's llvm_get_vector_width, which answers 512 bits for
-    every x86 CPU in TVM 0.27 (AVX2-only Zen 3 included): with 16-lane tiles on AVX2 every
-    micro-kernel spilled, and SD1.5's UNet step at 512x512 took 2.35x PyTorch's time there."""
+    every x86 CPU in TVM 0.27 (AVX2-only Zen 3 included), and with 16-lane tiles on AVX2 every
+    micro-kernel spills."""
     from tvm.target.codegen import target_has_features
 
     try:

@@ -66,9 +66,8 @@ class Conv2d(dlight.ScheduleRule):
         c_in = int(stmt.iter_vars[4].dom.extent)
         if pad is None and int(stmt.iter_vars[0].dom.extent) * c_in * h * w * 4 <= _CONV_COPY_1X1_BYTES:
             # a 1x1 window reads its input in NCHW, one row piece per channel 16 KB apart at 64x64:
-            # copy it to [N, H, C, W] first, as the padding copy of a 3x3 is (UNet 640->320 at
-            # 64x64: 26 -> 14 ms, torch 12; 2560->1280 at 16x16: 25 -> 15, torch 12; the copy
-            # costs more than it saves on the VAE's 268 MB inputs)
+            # copy it to [N, H, C, W] first, as the padding copy of a 3x3 is (up to
+            # _CONV_COPY_1X1_BYTES: on the VAE's largest inputs the copy costs more than it saves)
             copy = sch.cache_read(block, 0, "global")
         writeback = sch.cache_write(block, 0, "local")
         inline_consumers(sch, writeback)
@@ -79,8 +78,7 @@ class Conv2d(dlight.ScheduleRule):
         if row_tile:
             # 3x3: one vector per output row, 4 rows x 4 channels (16 accumulators). Per input channel
             # and tap that is 4 input loads and 4 weight broadcasts for 16 FMAs, against 2 + 8 for
-            # 2 vectors x 8 channels; measured 1 thread, vs that tiling: VAE 128->128 at 512x512
-            # 112 -> 135 GFLOP/s, 512->512 at 128x128 139 -> 161, UNet 320->320 at 64x64 143 -> 164
+            # 2 vectors x 8 channels (docs/performance.md has the comparison).
             # On AVX2 (8 accumulators) 4 channels x 2 rows, not 2 x 4: each input vector loaded then
             # serves 4 channels, and a task re-reads the input once per 4 output channels, not 2.
             budget = 2 * accumulators(lanes) // 3
@@ -116,15 +114,9 @@ class Conv2d(dlight.ScheduleRule):
             # 32 KB L1 while the tiles walk across them, and the strip's accumulators (8 x 2 x 64
             # floats, 4 KB) are loaded and stored once per 576 FMAs. Unblocked, a tile walked every
             # input channel (512 x 4 rows: ~150 KB) and its neighbour found none of it in the L1,
-            # and a task's rows (540 KB at 512 channels x 64 columns) did not fit the Zen 3's 512 KB
-            # L2 either. 1 thread, same process, min of 3, unblocked -> blocked (torch), Zen 3:
-            # VAE 512->512 at 64x64 1057 -> 290 ms (227), at 128x128 1484 -> 1310 (1140), 128->128
-            # at 512x512 1591 -> 1386 (1297), 256->256 at 256x256 1492 -> 1530 (1167); UNet, batch
-            # 2: 320->320 at 64x64 223 -> 201 (180), 960->320 at 64x64 867 -> 614 (535), 1920->640
-            # at 32x32 764 -> 571 (567). Unblocked times also swung 2-4x between processes (512 at
-            # 64x64: 280-1100 ms), blocked ones ~10%. 4 channel tiles per strip instead of 2: VAE
-            # 5% faster, UNet at 64x64 15% slower. At 16x16 and 8x8 (UNet, 1280 channels) blocking
-            # measured 5-15% slower, so it starts at 32 columns. Not measured on AVX-512.
+            # and a task's rows (540 KB at 512 channels x 64 columns) did not fit Zen 3's 512 KB L2
+            # either. Below 32 columns blocking is slower; AVX-512 is not blocked (not measured).
+            # The per-shape times are in docs/performance.md ("AVX2 3x3 convs blocked by channel").
             rc_o, rc_i = sch.split(rc, [None, _RC_BLOCK])
             tiles = w // xr
             strip = pick([t for t in range(tiles, 0, -1) if t * xr <= _RC_COLUMNS], tiles, 1)
@@ -139,8 +131,8 @@ class Conv2d(dlight.ScheduleRule):
         elif image_major:
             # A task takes a chunk of the row whose input rows (all channels) fit ~512 KiB, and
             # consecutive tasks the next channel blocks of that chunk: with whole rows (256
-            # channels x 3 rows x 514 columns = 1.6 MB at 512x512) the input fell out of the L2 between
-            # tasks, and the VAE's 256->256 conv at 512x512 ran at 68 GFLOP/s (93-109 chunked).
+            # channels x 3 rows x 514 columns = 1.6 MB at 512x512) the input falls out of the L2
+            # between tasks.
             tiles = w // xr
             chunk = pick([t for t in range(tiles, 0, -1)
                            if c_in * (window[0] + yr - 1) * (t * xr + window[1] - 1) * 4 <= _CONV_INPUT_BYTES], tiles, 1)
@@ -164,8 +156,7 @@ class Conv2d(dlight.ScheduleRule):
             parallel_copy(sch, copy)
         if pad is not None:  # the padding copy: parallel over (n, c, row), vectorized along the row
             # ... written as [N, H, C, W]: a task's input rows for every channel are then one
-            # contiguous range, not C planes apart. In NCHW a 1920-channel 32x32 input is 9 MB, a
-            # task touched a page per channel, and the conv ran at 81 GFLOP/s (153 in this layout).
+            # contiguous range, not C planes apart (in NCHW a task touches a page per channel).
             sch.transform_layout(sch.get_sblock(pad), ("write", 0), lambda n, c, y, x: (n, y, c, x))
             parallel_copy(sch, sch.get_sblock(pad))
         return sch

@@ -21,14 +21,10 @@ from sdcore.schedule.common import (
 
 
 def _gemm_accumulators(lanes: int) -> int:
-    """Accumulators of a GEMM tile: as accumulators, but 10 on AVX2. 3 rows x 4 vectors (12,
-    chosen wherever M is a multiple of 3: every SD2.1 768x768 shape, 9216 = 2^10 x 9 tokens) ran
-    far slower than 2 x 5 vectors (10), with 4 B vectors and a broadcast beside 12 accumulators in
-    16 registers: 1 thread, one process, 2x9216x320 -> 2560 697 -> 459 ms (PyTorch 478),
-    2x2304x640 -> 5120 693 -> 457 (445), 2x576x1280 -> 10240 724 -> 569 (534), 2x77x768 -> 3072
-    14.4 -> 13.3 (11.8)."""
+    """Accumulators of a GEMM tile: as accumulators, but 10 on AVX2, where 12 accumulators leave
+    too few of the 16 registers for the B vectors and the A broadcast (3 x 4 tiles spilled;
+    docs/performance.md, "the AVX2 GEMM accumulator cap")."""
     return 10 if lanes == 8 else accumulators(lanes)
-
 
 
 _PANEL_BYTES = 1536 * 1024  # a K x NR weight panel streamed once per row tile stays in the 2 MB L2
@@ -42,8 +38,8 @@ def matmul_tiles(m: int, n: int, lanes: int, k: int | None = None) -> tuple[int,
     vector registers accumulate (77 text tokens: 11 rows x 2 vectors rather than 1 x 4). A column
     count that is not a multiple of the vector width (attention's head size 40) uses narrower
     vectors rather than a ragged one, which LLVM splits badly. With the reduction length `k`, NR is
-    kept so that a K x NR panel fits _PANEL_BYTES (K = 5120: 64 columns, not 80: 2x256x5120 @
-    5120x1280 54.3 -> 47.5 ms, PyTorch 42.4; 1 thread).
+    kept so that a K x NR panel fits _PANEL_BYTES (K = 5120: 64 columns, not 80; figures in
+    docs/performance.md).
     """
     if n <= 5 * lanes and n % lanes:
         options = [n]
@@ -156,11 +152,8 @@ class Matmul(dlight.ScheduleRule):
         # A Linear whose rows have no good divisor (77 text tokens per prompt: on AVX2 the tile is 1
         # vector x 7 rows, 8 loads per 7 FMAs) runs on rows padded with zeros to a multiple of 3, 4
         # or 6 where that gives a tile with >= 1.25x the FMAs per load (78 rows: 3 vectors x 3
-        # rows, 9 FMAs per 6 loads; 4 x 3 before _gemm_accumulators capped AVX2 at 10); a
-        # separate copy drops the padded rows and takes the epilogue.
-        # 2x77x3072 -> 768 (fc2 of the text encoder), 1 thread, Zen 3: 31.8 -> 14.3 ms (torch 9.9),
-        # and 14.3 -> 12.7 (torch 10.4) in a second run from the shared panel copy below. AVX2
-        # only: not measured with AVX-512's tiles.
+        # rows, 9 FMAs per 6 loads); a separate copy drops the padded rows and takes the epilogue.
+        # AVX2 only: AVX-512's tiles have not been measured with it (docs/performance.md).
         row_pad = _row_padding(m, n, lanes, k_len) if lanes == 8 and _weight_read(stmt) is not None else None
         if row_pad is not None:
             sch.pad_einsum(sch.get_sblock(name), [1] * (len(stmt.iter_vars) - 3) + [row_pad, 1, 1])
@@ -171,7 +164,7 @@ class Matmul(dlight.ScheduleRule):
         # A weight shared by every row (a Linear's [K, N] after the lifted transpose) is copied, per
         # parallel task, into a contiguous K x NR panel. Read in place, each k step of a column
         # panel is N floats (a page or more for N >= 1280) from the last: at N = 5120 or 10240 the
-        # panel's rows alias to a few cache sets and miss the TLB, and wide GEMMs ran at ~20 GFLOP/s.
+        # panel's rows alias to a few cache sets and miss the TLB.
         weight = _weight_read(sch.get(sch.get_sblock(name)))
         pack = weight is not None and n > nr and not winograd
         block = sch.get_sblock(name)
@@ -186,16 +179,15 @@ class Matmul(dlight.ScheduleRule):
         loops = sch.get_loops(block)
         batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
         # Batch items stay separate loops, part of the parallel task index: fused into one
-        # batch x M row loop, the row index needed a div/mod per A read, and 2x4096x320 @ 320x2560
-        # ran at 53 GFLOP/s against 113 unfused (1 thread).
+        # batch x M row loop, the row index needs a div/mod per A read (half the speed).
         rows = m
         if pack or winograd:
             mc_tiles = _packed_row_tiles(-(-rows // mr), mr, n // nr)
         i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
         j_o, j_v, j_l = sch.split(j, [None, nr // vw, vw])
         if (row_pad is not None and pack) or winograd:
-            # batch items inside the task: one panel copy serves both prompts (10-15% on the text
-            # encoder's Linears), where the copy is amortized over only 78 rows per item; and one
+            # batch items inside the task: one panel copy serves both prompts, where the copy is
+            # amortized over only 78 rows per item (the text encoder's Linears); and one
             # pass over a Winograd weight panel computes U for all 16 positions (below)
             sch.reorder(i_o, j_o, *batch, i_t, k, i_r, j_v, j_l)
             task = sch.fuse(i_o, j_o)
@@ -211,9 +203,8 @@ class Matmul(dlight.ScheduleRule):
             # The task's 16 x K x NR panel of U, computed where a Linear's weight panel is copied:
             # the NR output channels' weights ([NR, C, 3, 3], one contiguous range) are copied to
             # [C, 3, 3, NR], then per input channel the 9 taps give all 16 positions (9 FMAs each,
-            # vectors along the panel's columns), so the weight is read once per task. Per position
-            # instead, it was read 16 times from beyond the L2 (1280 -> 1280 at 16x16, 1 thread: 167
-            # ms for the GEMM, ~50 of them U; 114 with U cut to one term).
+            # vectors along the panel's columns), so the weight is read once per task, not once per
+            # position from beyond the L2.
             u_block = sch.get_sblock(WINOGRAD_U)
             w_read = next(i for i, r in enumerate(sch.get(u_block).reads) if len(r.region) == 4)
             w_panel = sch.cache_read(u_block, w_read, "global")
@@ -221,9 +212,7 @@ class Matmul(dlight.ScheduleRule):
             sch.compute_at(u_block, task, preserve_unit_loops=True)
             sch.compute_at(w_panel, task, preserve_unit_loops=True)
             # the copy in the panel's order, NR columns innermost: in the weight's order each store
-            # went to another line of the panel (1.8 MB at 1280 channels), 18% of the GEMM's samples
-            # (perf, 1280 -> 1280 at 16x16); now ~8%, the conv 147 -> 138 ms (640 at 32x32: 126.5
-            # -> 119.8; 320 at 64x64 unchanged), 1 thread, one process
+            # goes to another line of the panel (1.8 MB at 1280 channels)
             p_j, p_c, p_r, p_s = sch.get_loops(w_panel)[-4:]
             sch.reorder(p_c, p_r, p_s, p_j)
             u_p, u_c, u_j = sch.get_loops(u_block)[-3:]
