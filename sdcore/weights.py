@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from sdcore.errors import SdcoreError
+
+# how messages name each component
+TITLES = {"text_encoder": "text encoder", "unet": "UNet", "vae": "VAE"}
 
 # component -> (package, config class, model class, weight file stem)
 COMPONENTS = {
@@ -28,6 +32,11 @@ COMPONENTS = {
 # The level transformers 4.x and the published SD checkpoints put above CLIPTextModel's names, which
 # sdcore's names keep; transformers 5 saves and loads the model without it.
 TEXT_MODEL_LEVEL = "text_model."
+
+# The VAE's mid-block attention as diffusers < 0.14 saved it (its deprecated AttentionBlock, Linear
+# layers like the current ones) -> the current names; diffusers renames them the same way on load.
+LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_VAE_ATTENTION = re.compile(r"(?<=\.mid_block\.attentions\.0)\.(query|key|value|proj_attn)\.")
 
 # Tensors that checkpoints carry but that are not parameters: dropped when found, never required.
 IGNORED_KEYS = {
@@ -45,6 +54,17 @@ def is_ignored_key(component: str, key: str) -> bool:
     """
     ignored = IGNORED_KEYS[component]
     return key in ignored or (component == "text_encoder" and TEXT_MODEL_LEVEL + key in ignored)
+
+
+def sdcore_names(component: str, state: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers/transformers state dict under sdcore's names: the text encoder's keys get the
+    "text_model." level transformers 5 leaves out, the VAE's legacy attention names become the
+    current ones; every other name is already sdcore's."""
+    if component == "text_encoder":
+        return {k if k.startswith(TEXT_MODEL_LEVEL) else TEXT_MODEL_LEVEL + k: v for k, v in state.items()}
+    if component == "vae":
+        return {_LEGACY_VAE_ATTENTION.sub(lambda m: f".{LEGACY_VAE_ATTENTION[m[1]]}.", k): v for k, v in state.items()}
+    return state
 
 
 def model_classes(component: str):
@@ -67,26 +87,39 @@ def expected_shapes(component: str, config: dict) -> dict[str, tuple[int, ...]]:
     return {name: tuple(int(s) for s in p.shape) for name, p in module.named_parameters()}
 
 
-def check_state_dict(component: str, state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                     source: str = "") -> dict[str, np.ndarray]:
+def check_state_dict(component: str, state: dict[str, Any], expected: dict[str, tuple[int, ...]],
+                     source: str = "", origin: Callable[[str], str] | None = None) -> dict[str, Any]:
     """Strict match of a state dict against the expected parameters; returns it without ignored keys.
 
-    Every expected parameter must be present with its shape, and every tensor must be a parameter
-    or in IGNORED_KEYS. Errors name the first offending key.
+    Every tensor must be an expected parameter with its shape (or an ignored key), and every
+    expected parameter must be present. `origin(name)` gives the key a tensor was read as, when
+    the checkpoint names it differently (original-format checkpoints). Errors are one line naming
+    the first offending key.
     """
+    title = TITLES[component]
     where = f" in {source}" if source else ""
+
+    def named(name: str) -> tuple[str, str]:  # (the checkpoint's key, " (would be ...)" or "")
+        key = origin(name) if origin is not None else name
+        return key, (f" ({title} {name})" if key != name else "")
+
     state = {k: v for k, v in state.items() if not is_ignored_key(component, k)}
-    for name, shape in expected.items():
-        if name not in state:
-            raise SdcoreError(f"{component}: weight {name} is missing{where} ({len(expected)} expected, "
-                              f"{len(state)} found).")
-        if tuple(state[name].shape) != shape:
-            raise SdcoreError(f"{component}: weight {name} has shape {tuple(state[name].shape)}{where}, "
-                              f"expected {shape}.")
-    unused = sorted(set(state) - set(expected))
-    if unused:
-        raise SdcoreError(f"{component}: {len(unused)} tensor(s){where} are not weights of this model, "
-                          f"e.g. {unused[0]}.")
+    unknown = [k for k in state if k not in expected]
+    if unknown:
+        key, alias = named(unknown[0])
+        raise SdcoreError(f"{title}: unknown key {key}{alias}{where}: not a parameter of the model its config "
+                          f"describes ({len(unknown)} such tensor(s)).")
+    for name, array in state.items():
+        if tuple(array.shape) != expected[name]:
+            key, _ = named(name)
+            source_key = f" (from {key})" if key != name else ""
+            raise SdcoreError(f"{title} key {name}{source_key}{where}: expected shape {expected[name]}, found "
+                              f"{tuple(array.shape)}.")
+    missing = [name for name in expected if name not in state]
+    if missing:
+        key, alias = named(missing[0])
+        raise SdcoreError(f"{title} is missing {len(missing)} tensor(s), first {key}{alias}{where}: the checkpoint "
+                          f"is truncated or does not match its config ({len(expected)} expected, {len(state)} found).")
     return state
 
 

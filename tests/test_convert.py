@@ -30,6 +30,7 @@ def _reference_state(src, component):
 
 
 def _run(argv, capsys):
+    capsys.readouterr()  # what building a fixture checkpoint printed (a transformers warning, say)
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -93,6 +94,44 @@ def test_single_file_equals_diffusers_folder(checkpoints, tmp_path, fmt, preset,
     pad = json.loads((single / "tokenizer" / "tokenizer_config.json").read_text())["pad_token"]
     pad = pad["content"] if isinstance(pad, dict) else pad
     assert pad == ("!" if preset == "tiny-sd2" else "<|endoftext|>")
+
+
+def test_legacy_vae_attention_names(checkpoints, tmp_path):
+    """diffusers < 0.14 saved the VAE's mid-block attention as query/key/value/proj_attn; they convert
+    to the same weights as the current names (weights.LEGACY_VAE_ATTENTION)."""
+    from safetensors.numpy import load_file, save_file
+
+    from sdcore.convert import convert
+
+    src = tmp_path / "legacy"
+    shutil.copytree(checkpoints.diffusers("tiny-sd1"), src)
+    path = src / "vae" / "diffusion_pytorch_model.safetensors"
+    current = {v: k for k, v in weights.LEGACY_VAE_ATTENTION.items()}
+    state = load_file(path)
+    legacy = {}
+    for key, value in state.items():
+        for new, old in current.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        legacy[key] = value
+    assert any(".proj_attn." in k for k in legacy)
+    save_file(legacy, path)
+    out = convert(src, tmp_path / "out", log=lambda *_: None)
+    _config, ours = weights.load_component(out, "vae")
+    _config, ref = weights.load_component(checkpoints.converted("tiny-sd1"), "vae")
+    assert sorted(ours) == sorted(ref)
+    for name in ref:
+        np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+
+
+def test_unsupported_config_value_is_one_line(checkpoints, tmp_path, capsys):
+    src = tmp_path / "shifted"
+    shutil.copytree(checkpoints.diffusers("tiny-sd1"), src)
+    config = json.loads((src / "vae" / "config.json").read_text())
+    config["shift_factor"] = 0.1159  # SD3's: the pipeline applies scaling_factor only
+    (src / "vae" / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(["convert", src, "--output", tmp_path / "out"], capsys)
+    _assert_one_line_error(code, err, 1, "shift_factor=0.1159")
+    _assert_nothing_written(tmp_path / "out")
 
 
 def test_fp16_source_is_upcast(checkpoints, tmp_path):

@@ -87,10 +87,8 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "
     else:
         converted = _from_single_file(src, prediction_type, use_ema)
 
-    for name, (config, state) in converted.components.items():
-        state = {k: _cast(v, dtype) for k, v in state.items()}
-        expected = weights.expected_shapes(name, config)
-        converted.components[name] = (config, weights.check_state_dict(name, state, expected, source=str(src)))
+    for name, (config, state) in converted.components.items():  # checked by the readers below
+        converted.components[name] = (config, {k: _cast(v, dtype) for k, v in state.items()})
 
     _write(converted, output, dtype, src, overwrite)
     for note in converted.notes:
@@ -125,13 +123,13 @@ def _from_diffusers(src: Path, prediction_type: str | None) -> Converted:
             if list((src / name).glob("*.index.json")):
                 raise SdcoreError(f"{src / name} holds sharded weights, which sdcore does not read yet.")
             raise SdcoreError(f"{src / name} has no weights (looked for {', '.join(candidates)}).")
+        weights.model_classes(name)[0].from_dict(config)  # one line for a class or option sdcore lacks
+        config = _clean_config(config)
         state, _meta = read_state_dict(found[0])
         weight_files.append(found[0])
-        if name == "text_encoder":
-            # transformers 5 saves CLIPTextModel without the "text_model." level that 4.x and the
-            # published SD checkpoints have; sdcore's names keep it
-            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
-        components[name] = (_clean_config(config), state)
+        state = weights.check_state_dict(name, weights.sdcore_names(name, state), weights.expected_shapes(name, config),
+                                         source=str(found[0]))
+        components[name] = (config, state)
         notes.append(f"{name}: {found[0].name} ({len(state)} tensors)")
 
     from sdcore.tokenizer import CLIPTokenizer

@@ -27,7 +27,8 @@ from typing import Mapping
 import numpy as np
 
 from sdcore.convert import original_clip, original_unet, original_vae
-from sdcore.convert.original_common import check_against, convert_by_table
+from sdcore.convert.original_common import check_converted, convert_by_table
+from sdcore import weights
 from sdcore.errors import SdcoreError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -44,8 +45,6 @@ IGNORE_RULES = (
                 r"|lvlb_weights|logvar)"),
      "training-schedule buffers (the scheduler config defines the schedule)"),
     (re.compile(r"model_ema\.(decay|num_updates)"), "EMA bookkeeping (decay, num_updates)"),
-    (re.compile(r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"),
-     "CLIP position_ids buffer (always 0..n-1)"),
     (re.compile(r"cond_stage_model\.model\.(text_projection|logit_scale)"),
      "OpenCLIP text_projection/logit_scale (SD2.x conditions on token states, not the pooled embedding)"),
     (re.compile(r"cond_stage_model\.model\.attn_mask"), "OpenCLIP causal-mask buffer"),
@@ -72,6 +71,16 @@ class OriginalSplit:
     notes: list[str]  # one line each: what was decided
 
 
+def _ignore_rule(key: str) -> str | None:
+    """Why `key` is never converted, or None: the rules above, and the buffers weights.py ignores."""
+    for pattern, why in IGNORE_RULES:
+        if pattern.fullmatch(key):
+            return why
+    if key.startswith(CLIP_PREFIX) and weights.is_ignored_key("text_encoder", key[len(CLIP_PREFIX):]):
+        return "buffers of the text encoder that are not parameters (position_ids)"
+    return None
+
+
 def _strip(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -79,7 +88,7 @@ def _strip(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray
 def _example_keys(keys) -> str:
     """A few keys for a message, preferring ones no ignore rule covers (schedule buffers say little)."""
     keys = sorted(keys)
-    telling = [k for k in keys if not any(pattern.fullmatch(k) for pattern, _ in IGNORE_RULES)]
+    telling = [k for k in keys if _ignore_rule(k) is None]
     return ", ".join((telling or keys)[:3]) or "no keys at all"
 
 
@@ -125,7 +134,7 @@ def _convert_unet(tensors, family, notes) -> tuple[dict, dict]:
     cfg = original_unet.unet_config(layout, partial, family=family, sample_size=sample_size)
     table = original_unet.unet_table(layout)
     converted = convert_by_table("UNet", UNET_PREFIX, tensors, table)
-    state = check_against("UNet", converted, original_unet.unet_parameter_shapes(cfg), table, UNET_PREFIX)
+    state = check_converted("unet", converted, cfg, table, UNET_PREFIX)
     projection = "linear proj_in/proj_out" if cfg["use_linear_projection"] else "1x1-conv proj_in/proj_out"
     heads = (f"{cfg['attention_head_dim']} heads per attention (SD1.x convention)" if family == "sd1"
              else f"attention_head_dim {cfg['attention_head_dim']} ({original_unet.SD2_HEAD_CHANNELS}-wide heads, SD2.x)")
@@ -146,7 +155,7 @@ def _convert_vae(tensors, latent_sample_size, notes) -> tuple[dict, dict]:
     cfg = original_vae.vae_config(tensors, VAE_PREFIX, latent_sample_size=latent_sample_size)
     table = original_vae.vae_table(len(cfg["block_out_channels"]), cfg["layers_per_block"])
     converted = convert_by_table("VAE", VAE_PREFIX, tensors, table)
-    state = check_against("VAE", converted, original_vae.vae_parameter_shapes(cfg), table, VAE_PREFIX)
+    state = check_converted("vae", converted, cfg, table, VAE_PREFIX)
     notes.append(
         f"VAE: block_out_channels {tuple(cfg['block_out_channels'])}, latent_channels {cfg['latent_channels']}; "
         "mid-block attention 1x1 convs q/k/v/proj_out -> Linear to_q/to_k/to_v/to_out.0."
@@ -181,8 +190,7 @@ def _convert_text_encoder(state, family, ignored, notes) -> tuple[dict, dict]:
             f"text_encoder keeps {n_blocks - 1} (SD2.x uses the penultimate layer, then ln_final), gelu."
         )
     prefix = CLIP_PREFIX if family == "sd1" else OPENCLIP_PREFIX
-    shapes = original_clip.clip_parameter_shapes(cfg)
-    return check_against("text encoder", converted, shapes, table, prefix), cfg
+    return check_converted("text_encoder", converted, cfg, table, prefix), cfg
 
 
 def split_original(state_dict: dict[str, np.ndarray], *, use_ema: bool | None = None) -> OriginalSplit:
@@ -218,10 +226,9 @@ def split_original(state_dict: dict[str, np.ndarray], *, use_ema: bool | None = 
 
     ignored: dict[str, str] = {}  # key -> the rule that leaves it out
     for key in keys:
-        for pattern, why in IGNORE_RULES:
-            if pattern.fullmatch(key):
-                ignored[key] = why
-                break
+        why = _ignore_rule(key)
+        if why is not None:
+            ignored[key] = why
     known = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPENCLIP_PREFIX, EMA_PREFIX)
     unknown = [k for k in keys if k not in ignored and not k.startswith(known)]
     if unknown:

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sdcore.convert.original_common import ModuleRename, Shape, get, indices, require_contiguous
+from sdcore.convert.original_common import ModuleRename, get, indices, require_contiguous
 from sdcore.errors import SdcoreError
 
 COMPONENT = "text encoder"
@@ -157,26 +157,3 @@ def text_encoder_config(family: str, sizes: dict) -> dict:
         "bos_token_id": 0,
         "eos_token_id": 2,
     }
-
-
-def clip_parameter_shapes(cfg: dict) -> dict[str, Shape]:
-    """Every parameter of transformers' CLIPTextModel built from `cfg`, with its on-disk name and shape."""
-    hidden, inner = cfg["hidden_size"], cfg["intermediate_size"]
-    shapes: dict[str, Shape] = {
-        "text_model.embeddings.token_embedding.weight": (cfg["vocab_size"], hidden),
-        "text_model.embeddings.position_embedding.weight": (cfg["max_position_embeddings"], hidden),
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        layer = f"text_model.encoder.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{layer}.self_attn.{proj}.weight"] = (hidden, hidden)
-            shapes[f"{layer}.self_attn.{proj}.bias"] = (hidden,)
-        for name, out_f, in_f in (("mlp.fc1", inner, hidden), ("mlp.fc2", hidden, inner)):
-            shapes[f"{layer}.{name}.weight"] = (out_f, in_f)
-            shapes[f"{layer}.{name}.bias"] = (out_f,)
-        for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{layer}.{norm}.weight"] = (hidden,)
-            shapes[f"{layer}.{norm}.bias"] = (hidden,)
-    shapes["text_model.final_layer_norm.weight"] = (hidden,)
-    shapes["text_model.final_layer_norm.bias"] = (hidden,)
-    return shapes

@@ -1,10 +1,9 @@
 """Shared machinery for reading original-format (CompVis / Stability) checkpoints.
 
 Each component (UNet, VAE, text encoder) describes its original -> diffusers renames as one table of
-`ModuleRename` rows, built from the layout read off the checkpoint, and the parameter shapes it
-expects from the config it inferred. `convert_by_table` applies the table and `check_against`
-compares the result with the expected shapes, so every tensor is accounted for: mapped, or an error
-that names it.
+`ModuleRename` rows, built from the layout read off the checkpoint. `convert_by_table` applies the
+table and `check_converted` holds the result to the parameters of sdcore's own model for the config
+read off the checkpoint, so every tensor is accounted for: mapped, or an error that names it.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from typing import Mapping
 
 import numpy as np
 
+from sdcore import weights
 from sdcore.errors import SdcoreError
-
-Shape = tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,33 +80,20 @@ def convert_by_table(
     return out
 
 
-def check_against(
+def check_converted(
     component: str,
     converted: Mapping[str, tuple[str, np.ndarray]],
-    expected: Mapping[str, Shape],
+    config: dict,
     table: list[ModuleRename],
     prefix: str,
 ) -> dict[str, np.ndarray]:
-    """Require exactly the expected names with the expected shapes; return diffusers name -> array."""
-    for name, (full, array) in converted.items():
-        if name not in expected:
-            raise SdcoreError(
-                f"unknown key {full} (would be {component} {name}): not a parameter of the architecture "
-                "inferred from the checkpoint."
-            )
-        if tuple(array.shape) != tuple(expected[name]):
-            raise SdcoreError(
-                f"{component} key {name} (from {full}): expected shape {tuple(expected[name])}, "
-                f"found {tuple(array.shape)}."
-            )
-    missing = [name for name in expected if name not in converted]
-    if missing:
-        original = original_name(missing[0], table, prefix)
-        raise SdcoreError(
-            f"{component} is missing {len(missing)} tensor(s), first {original} (diffusers {missing[0]}): "
-            "the checkpoint is truncated or not a standard Stable Diffusion 1.x/2.x layout."
-        )
-    return {name: converted[name][1] for name in expected}
+    """Hold the renamed tensors to the parameters of sdcore's model for `config` (weights.check_state_dict);
+    `component` is a weights.COMPONENTS name. Returns diffusers name -> array."""
+    sources = {name: full for name, (full, _array) in converted.items()}
+    return weights.check_state_dict(
+        component, {name: array for name, (_full, array) in converted.items()},
+        weights.expected_shapes(component, config),
+        origin=lambda name: sources.get(name) or original_name(name, table, prefix))
 
 
 def original_name(diffusers_name: str, table: list[ModuleRename], prefix: str) -> str:

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sdcore.convert.original_common import ModuleRename, Shape, get, indices, require_contiguous
+from sdcore.convert.original_common import ModuleRename, get, indices, require_contiguous
 from sdcore.errors import SdcoreError
 
 COMPONENT = "UNet"
@@ -179,91 +179,3 @@ def unet_config(layout: UNetLayout, partial: dict, *, family: str, sample_size: 
         "upcast_attention": family == "sd2",
         "num_class_embeds": None,
     }
-
-
-def unet_parameter_shapes(cfg: dict) -> dict[str, Shape]:
-    """Every parameter of diffusers' UNet2DConditionModel built from `cfg`, with its shape.
-
-    Covers the configs `unet_config` produces (resnet/cross-attention blocks, one transformer depth).
-    """
-    channels = cfg["block_out_channels"]
-    per_block, cross = cfg["layers_per_block"], cfg["cross_attention_dim"]
-    depth, linear_proj = cfg["transformer_layers_per_block"], cfg["use_linear_projection"]
-    temb = 4 * channels[0]
-    shapes: dict[str, Shape] = {}
-
-    def linear(name, out_f, in_f, bias=True):
-        shapes[f"{name}.weight"] = (out_f, in_f)
-        if bias:
-            shapes[f"{name}.bias"] = (out_f,)
-
-    def conv(name, out_c, in_c, k):
-        shapes[f"{name}.weight"] = (out_c, in_c, k, k)
-        shapes[f"{name}.bias"] = (out_c,)
-
-    def norm(name, c):
-        shapes[f"{name}.weight"] = (c,)
-        shapes[f"{name}.bias"] = (c,)
-
-    def resnet(name, in_c, out_c):
-        norm(f"{name}.norm1", in_c)
-        conv(f"{name}.conv1", out_c, in_c, 3)
-        linear(f"{name}.time_emb_proj", out_c, temb)
-        norm(f"{name}.norm2", out_c)
-        conv(f"{name}.conv2", out_c, out_c, 3)
-        if in_c != out_c:
-            conv(f"{name}.conv_shortcut", out_c, in_c, 1)
-
-    def transformer(name, c):
-        norm(f"{name}.norm", c)
-        for proj in ("proj_in", "proj_out"):
-            if linear_proj:
-                linear(f"{name}.{proj}", c, c)
-            else:
-                conv(f"{name}.{proj}", c, c, 1)
-        for d in range(depth):
-            block = f"{name}.transformer_blocks.{d}"
-            for attn, context in (("attn1", c), ("attn2", cross)):
-                linear(f"{block}.{attn}.to_q", c, c, bias=False)
-                linear(f"{block}.{attn}.to_k", c, context, bias=False)
-                linear(f"{block}.{attn}.to_v", c, context, bias=False)
-                linear(f"{block}.{attn}.to_out.0", c, c)
-            for i in (1, 2, 3):
-                norm(f"{block}.norm{i}", c)
-            linear(f"{block}.ff.net.0.proj", 8 * c, c)  # GEGLU: value and gate halves, 4c each
-            linear(f"{block}.ff.net.2", c, 4 * c)
-
-    conv("conv_in", channels[0], cfg["in_channels"], 3)
-    linear("time_embedding.linear_1", temb, channels[0])
-    linear("time_embedding.linear_2", temb, temb)
-    in_c = channels[0]
-    for b, block_type in enumerate(cfg["down_block_types"]):
-        out_c = channels[b]
-        for j in range(per_block):
-            resnet(f"down_blocks.{b}.resnets.{j}", in_c if j == 0 else out_c, out_c)
-            if block_type == "CrossAttnDownBlock2D":
-                transformer(f"down_blocks.{b}.attentions.{j}", out_c)
-        if b < len(channels) - 1:
-            conv(f"down_blocks.{b}.downsamplers.0.conv", out_c, out_c, 3)
-        in_c = out_c
-    resnet("mid_block.resnets.0", channels[-1], channels[-1])
-    transformer("mid_block.attentions.0", channels[-1])
-    resnet("mid_block.resnets.1", channels[-1], channels[-1])
-    # Up block b concatenates the skip of each matching down resnet (and of the level's input).
-    reversed_channels = list(reversed(channels))
-    prev_out = reversed_channels[0]
-    for b, block_type in enumerate(cfg["up_block_types"]):
-        out_c = reversed_channels[b]
-        skip_last = reversed_channels[min(b + 1, len(channels) - 1)]
-        for j in range(per_block + 1):
-            res_in = prev_out if j == 0 else out_c
-            skip = skip_last if j == per_block else out_c
-            resnet(f"up_blocks.{b}.resnets.{j}", res_in + skip, out_c)
-            if block_type == "CrossAttnUpBlock2D":
-                transformer(f"up_blocks.{b}.attentions.{j}", out_c)
-        if b < len(channels) - 1:
-            conv(f"up_blocks.{b}.upsamplers.0.conv", out_c, out_c, 3)
-        prev_out = out_c
-    norm("conv_norm_out", channels[0])
-    conv("conv_out", cfg["out_channels"], channels[0], 3)
-    return shapes

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sdcore.convert.original_common import ModuleRename, Shape, get, indices, require_contiguous
+from sdcore.convert.original_common import ModuleRename, get, indices, require_contiguous
 from sdcore.errors import SdcoreError
 
 COMPONENT = "VAE"
@@ -87,59 +87,3 @@ def vae_config(vae: Mapping[str, np.ndarray], prefix: str, *, latent_sample_size
         "norm_num_groups": 32,
         "scaling_factor": SCALING_FACTOR,
     }
-
-
-def vae_parameter_shapes(cfg: dict) -> dict[str, Shape]:
-    """Every parameter of diffusers' AutoencoderKL built from `cfg`, with its shape."""
-    channels, per_block, latent = cfg["block_out_channels"], cfg["layers_per_block"], cfg["latent_channels"]
-    shapes: dict[str, Shape] = {}
-
-    def conv(name, out_c, in_c, k):
-        shapes[f"{name}.weight"] = (out_c, in_c, k, k)
-        shapes[f"{name}.bias"] = (out_c,)
-
-    def vector(name, c):  # a GroupNorm: weight and bias
-        shapes[f"{name}.weight"] = (c,)
-        shapes[f"{name}.bias"] = (c,)
-
-    def resnet(name, in_c, out_c):
-        vector(f"{name}.norm1", in_c)
-        conv(f"{name}.conv1", out_c, in_c, 3)
-        vector(f"{name}.norm2", out_c)
-        conv(f"{name}.conv2", out_c, out_c, 3)
-        if in_c != out_c:
-            conv(f"{name}.conv_shortcut", out_c, in_c, 1)
-
-    def mid(side, c):
-        resnet(f"{side}.mid_block.resnets.0", c, c)
-        vector(f"{side}.mid_block.attentions.0.group_norm", c)
-        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            shapes[f"{side}.mid_block.attentions.0.{proj}.weight"] = (c, c)
-            shapes[f"{side}.mid_block.attentions.0.{proj}.bias"] = (c,)
-        resnet(f"{side}.mid_block.resnets.1", c, c)
-
-    conv("encoder.conv_in", channels[0], cfg["in_channels"], 3)
-    in_c = channels[0]
-    for i, out_c in enumerate(channels):
-        for j in range(per_block):
-            resnet(f"encoder.down_blocks.{i}.resnets.{j}", in_c if j == 0 else out_c, out_c)
-        if i < len(channels) - 1:
-            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", out_c, out_c, 3)
-        in_c = out_c
-    mid("encoder", channels[-1])
-    vector("encoder.conv_norm_out", channels[-1])
-    conv("encoder.conv_out", 2 * latent, channels[-1], 3)  # mean and log-variance
-    conv("quant_conv", 2 * latent, 2 * latent, 1)
-    conv("post_quant_conv", latent, latent, 1)
-    conv("decoder.conv_in", channels[-1], latent, 3)
-    mid("decoder", channels[-1])
-    prev = channels[-1]
-    for i, out_c in enumerate(reversed(channels)):
-        for j in range(per_block + 1):
-            resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else out_c, out_c)
-        if i < len(channels) - 1:
-            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", out_c, out_c, 3)
-        prev = out_c
-    vector("decoder.conv_norm_out", channels[0])
-    conv("decoder.conv_out", cfg["out_channels"], channels[0], 3)
-    return shapes
