@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sdcore import safetensors_file
 from sdcore.errors import SdcoreError
 
 # how messages name each component
@@ -137,48 +138,6 @@ def weight_path(model_dir: str | Path, component: str) -> Path:
     return Path(model_dir) / component / (COMPONENTS[component][3] + ".safetensors")
 
 
-# safetensors dtype -> NumPy dtype, for the types a converted directory holds (and integer buffers)
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-                       "I8": "i1", "U8": "u1", "BOOL": "?"}
-
-
-class _Header:
-    """A tensor of a safetensors file, not yet read: its shape, NumPy dtype and byte range."""
-
-    def __init__(self, shape, dtype, begin: int, end: int):
-        self.shape, self.dtype, self.begin, self.end = tuple(shape), np.dtype(dtype), begin, end
-
-
-def read_safetensors_header(path: Path) -> dict[str, _Header]:
-    """Name -> _Header of every tensor in a safetensors file, checked against the file's size."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise SdcoreError(f"{path} cannot be read ({err}); convert the model again.") from None
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = (int(v) for v in info["data_offsets"])
-            shape = [int(d) for d in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise SdcoreError(f"{path}: tensor {name} has an unreadable entry {info!r}; convert the model "
-                              f"again.") from None
-        entry = _Header(shape, dtype, 8 + n + begin, 8 + n + end)
-        if entry.end > size or entry.end - entry.begin != int(np.prod(shape)) * entry.dtype.itemsize:
-            raise SdcoreError(f"{path}: tensor {name} lies outside the file or has the wrong size; the file is "
-                              f"truncated or corrupt.")
-        tensors[name] = entry
-    return tensors
-
-
 def load_component(model_dir: str | Path, component: str, dtype: str = "float32",
                    convert: Callable[[np.ndarray], Any] | None = None) -> tuple[dict, dict[str, Any]]:
     """(config dict, checked state dict in `dtype`) of one component of a converted model directory.
@@ -193,22 +152,20 @@ def load_component(model_dir: str | Path, component: str, dtype: str = "float32"
     path = weight_path(model_dir, component)
     if not path.exists():
         raise SdcoreError(f"{path} is missing: is {model_dir} a converted sdcore model directory?")
-    headers = check_state_dict(component, read_safetensors_header(path), expected_shapes(component, config),
-                               source=str(path))
+    try:
+        entries, _metadata = safetensors_file.read_header(path)
+    except SdcoreError as err:
+        raise SdcoreError(f"{err}; convert the model again.") from None
+    entries = check_state_dict(component, entries, expected_shapes(component, config), source=str(path))
     state = {}
     # with `convert`, every tensor is read into one scratch buffer of the largest size: a fresh NumPy
-    # array per tensor, freed after the copy, left the heap fragmented between the device arrays
-    # (glibc keeps such holes: 340 MB more resident after the text encoder's weights)
-    scratch = np.empty(max((e.end - e.begin for e in headers.values()), default=0) if convert is not None else 0,
-                       np.uint8)
+    # array per tensor, freed after the copy, leaves the heap fragmented between the device arrays
+    # (glibc keeps such holes)
+    scratch = (np.empty(max((e.nbytes for e in entries.values()), default=0), np.uint8)
+               if convert is not None else None)
     with open(path, "rb") as f:
-        for name, entry in headers.items():
-            nbytes = entry.end - entry.begin
-            buf = scratch[:nbytes] if convert is not None else np.empty(nbytes, np.uint8)
-            f.seek(entry.begin)
-            if f.readinto(buf) != nbytes:
-                raise SdcoreError(f"{path}: tensor {name} is truncated; convert the model again.")
-            array = buf.view(entry.dtype).reshape(entry.shape)
+        for name, entry in entries.items():
+            array = safetensors_file.read_tensor(f, entry, scratch, path=str(path))
             if array.dtype.kind == "f":
                 array = array.astype(dtype, copy=False)
             state[name] = convert(array) if convert is not None else array

@@ -1,9 +1,8 @@
 """Read a single-file checkpoint (`.safetensors`, `.ckpt`, `.pt`, `.pth`, `.bin`) into a flat
 dict of NumPy arrays, whatever its extension says: the kind is told from the content.
 
-safetensors (https://github.com/huggingface/safetensors, format in its README): an 8-byte
-little-endian header length, a JSON header (dtype, shape, data_offsets per tensor, optional
-`__metadata__`), then the raw data. PyTorch pickles (zip or legacy) go through the allow-list
+safetensors files go through `sdcore.safetensors_file`, the reader model directories are loaded
+with too. PyTorch pickles (zip or legacy) go through the allow-list
 unpickler in `sdcore.convert.torch_pickle`, which runs no code from the file.
 
 Where the weights sit in a pickle follows what diffusers' `convert_from_ckpt` and A1111 accept:
@@ -11,36 +10,18 @@ Where the weights sit in a pickle follows what diffusers' `convert_from_ckpt` an
 or `model` / `module`.
 """
 
-import json
 import os
 import struct
 
 import numpy as np
 
+from sdcore import safetensors_file
 from sdcore.convert.torch_pickle import InertObject, PendingTensor, load_torch_pickle
 from sdcore.errors import SdcoreError
 from sdcore.hashing import sha256_file
 
-# safetensors dtype -> (torch-style name used in metadata, NumPy dtype of the stored elements)
-_SAFETENSORS_DTYPES = {
-    "F64": ("float64", "<f8"),
-    "F32": ("float32", "<f4"),
-    "F16": ("float16", "<f2"),
-    "BF16": ("bfloat16", "<u2"),
-    "I64": ("int64", "<i8"),
-    "I32": ("int32", "<i4"),
-    "I16": ("int16", "<i2"),
-    "I8": ("int8", "i1"),
-    "U64": ("uint64", "<u8"),
-    "U32": ("uint32", "<u4"),
-    "U16": ("uint16", "<u2"),
-    "U8": ("uint8", "u1"),
-    "BOOL": ("bool", "?"),
-}
 # containers that hold the weights in a pickle, in the order they are tried ("" is the top level)
 _STATE_DICT_KEYS = ("state_dict", "", "model", "module")
-# a header larger than this is not a safetensors header (the format itself caps it at 100 MB)
-_MAX_HEADER = 100_000_000
 
 # first bytes of files people mistake for checkpoints, to name them in the error
 _KNOWN_MAGIC = (
@@ -80,7 +61,7 @@ def detect_kind(path) -> str:
     if size == 0:
         raise SdcoreError(f"checkpoint {path} is empty (0 bytes): the download or copy did not finish")
     # safetensors first: a header length whose low byte is 0x80 must not read as a pickle
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER:
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= safetensors_file.MAX_HEADER:
         return "safetensors"
     # zip (torch >= 1.6), a legacy torch pickle, or the old torch tar format (refused by the reader)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or head[:1] == b"\x80" or head[257:262] == b"ustar":
@@ -97,64 +78,8 @@ def detect_kind(path) -> str:
                       f"(it starts with {head[:8].hex(' ')})")
 
 
-def _safetensors_header(path: str, size: int) -> tuple[dict, dict | None, int]:
-    """Parse and check the header: tensors by name, `__metadata__`, and where the data starts."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > _MAX_HEADER:
-            raise SdcoreError(f"{path} is not a valid safetensors file (header length {length})")
-        if 8 + length > size:
-            raise SdcoreError(f"{path} is a truncated safetensors file: its header needs {8 + length} bytes, "
-                              f"the file has {size}")
-        raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SdcoreError(f"{path} is a corrupt safetensors file: its header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise SdcoreError(f"{path} is a corrupt safetensors file: its header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    data_start = 8 + length
-    for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype, shape = info["dtype"], info["shape"]
-        except (TypeError, KeyError, ValueError):
-            raise SdcoreError(f"{path} is a corrupt safetensors file: bad header entry for {name!r}") from None
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise SdcoreError(f"{path}: tensor {name!r} has dtype {dtype}, which sdcore cannot read")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise SdcoreError(f"{path} is a corrupt safetensors file: tensor {name!r} has shape {shape!r}")
-        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_SAFETENSORS_DTYPES[dtype][1]).itemsize
-        if not (type(begin) is int and type(end) is int and 0 <= begin <= end and end - begin == nbytes):
-            raise SdcoreError(f"{path} is a corrupt safetensors file: tensor {name!r} has offsets {begin}..{end} "
-                              f"for {nbytes} bytes of {dtype} {shape}")
-        if data_start + end > size:
-            raise SdcoreError(f"{path} is a truncated safetensors file: tensor {name!r} ends at byte "
-                              f"{data_start + end}, the file has {size}")
-    return header, metadata, data_start
-
-
 def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    from safetensors import SafetensorError, safe_open
-
-    header, metadata, data_start = _safetensors_header(path, os.path.getsize(path))
-    tensors, dtypes = {}, {}
-    try:
-        with safe_open(path, framework="numpy") as st, open(path, "rb") as raw:
-            for name in st.keys():
-                kind = header[name]["dtype"]
-                dtypes[name] = _SAFETENSORS_DTYPES[kind][0]
-                if kind != "BF16":
-                    tensors[name] = st.get_tensor(name)
-                    continue
-                # NumPy has no bfloat16: read the raw 16-bit words and shift them into float32
-                begin, end = header[name]["data_offsets"]
-                raw.seek(data_start + begin)
-                words = np.frombuffer(raw.read(end - begin), "<u2").reshape(header[name]["shape"])
-                tensors[name] = (words.astype(np.uint32) << 16).view(np.float32)
-    except SafetensorError as e:
-        raise SdcoreError(f"{path} is not a readable safetensors file ({e})") from None
+    tensors, dtypes, metadata = safetensors_file.read_all(path)
     meta = {"kind": "safetensors", "safetensors_metadata": metadata, "state_dict_key": None}
     return tensors, _finish_meta(meta, dtypes)
 
