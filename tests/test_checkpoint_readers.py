@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch", reason="torch is the reference that writes 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from sdcore.convert.checkpoint import detect_kind, read_state_dict, sha256_10  # noqa: E402
-from sdcore.convert.torch_pickle import InertObject, load_torch_pickle, load_torch_zip  # noqa: E402
+from sdcore.convert.torch_pickle import InertObject, load_torch_pickle  # noqa: E402
 from sdcore.errors import SdcoreError  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -158,7 +158,7 @@ def test_parameters_and_tensor_subclass_state(tmp_path):
     tensors, meta = read_state_dict(path)
     _assert_same(tensors, torch.load(path, weights_only=False))
     assert sorted(meta["dropped_keys"]) == ["dtype", "size"]
-    assert load_torch_zip(path)["size"] == (1, 2)
+    assert load_torch_pickle(path).obj["size"] == (1, 2)
 
 
 # --- Lightning checkpoints: callbacks, numpy scalars --------------------------------------------
@@ -214,7 +214,7 @@ def test_lightning_checkpoint(tmp_path, fake_lightning):
     assert meta["state_dict_key"] == "state_dict" and meta["global_step"] == 470000 and meta["epoch"] == 6
     assert "numpy.core.multiarray.scalar" in meta["globals"]
     assert meta["lightning_callbacks"] == ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
-    callbacks = load_torch_zip(path)["callbacks"]
+    callbacks = load_torch_pickle(path).obj["callbacks"]
     placeholder = callbacks["ModelCheckpoint{'monitor': 'val/loss'}"]
     assert isinstance(placeholder, InertObject) and not isinstance(placeholder, model_checkpoint)
     assert placeholder.state["monitor"] == "val/loss" and float(placeholder.state["best_model_score"]) == 0.25
@@ -362,7 +362,7 @@ def test_only_the_state_dict_is_read(tmp_path):
     _assert_same(tensors, weights)
     assert meta["dropped_keys"] == []
     with pytest.raises(SdcoreError, match="refers to storage '2', which is not in the archive"):
-        load_torch_zip(tmp_path / "pruned.ckpt")
+        load_torch_pickle(tmp_path / "pruned.ckpt")
 
 
 def test_diffusers_bin(tmp_path):
@@ -503,5 +503,3 @@ def test_load_torch_pickle_reports_source_dtypes(tmp_path):
     assert loaded.format == "legacy"
     assert loaded.source_dtype(loaded.obj["h"]) == "bfloat16" and loaded.obj["h"].dtype == np.float32
     assert loaded.source_dtype(np.ones(2)) is None
-    with pytest.raises(SdcoreError, match="not a zip-format PyTorch checkpoint"):
-        load_torch_zip(path)

@@ -635,17 +635,3 @@ def load_torch_pickle(path, select: Callable[[Any], Any] | None = None) -> Torch
     if head[:1] == b"\x80":
         return _guarded(path, lambda: _load_legacy(path, select))
     raise SdcoreError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a legacy torch pickle)")
-
-
-def load_torch_zip(path) -> dict:
-    """The dict a zip-format `torch.save` file holds, every tensor as a NumPy array.
-
-    `load_torch_pickle` also reads the legacy format and tells which tensors were bfloat16.
-    """
-    path = os.fspath(path)
-    if not _is_zip(_head(path)):
-        raise SdcoreError(f"{path} is not a zip-format PyTorch checkpoint")
-    result = _guarded(path, lambda: _load_zip(path, None))
-    if not isinstance(result.obj, dict):
-        raise SdcoreError(f"{path} holds a {type(result.obj).__name__}, not a dict of tensors")
-    return result.obj
