@@ -1,7 +1,10 @@
 """Architecture presets: the configs of SD1.5 and SD2.1 as their diffusers folders carry them, and
 tiny versions with the same structure for tests, benchmarks and random-weight demo checkpoints.
 
-Plain dicts in diffusers/transformers config format (what a converted directory's config.json holds).
+Plain dicts in diffusers/transformers config format (what a converted directory's config.json holds):
+unet/, vae/ and text_encoder/config.json of stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1,
+without the bookkeeping keys (_class_name, _diffusers_version, _name_or_path, torch_dtype, ...).
+The one place these facts live: tools, tests and sdcore.vae.SD_VAE_CONFIG read them from here.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ _SD1_TEXT = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
     "projection_dim": 768,
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
     "bos_token_id": 0,
     "eos_token_id": 2,
     "pad_token_id": 1,
@@ -67,7 +76,8 @@ PRESETS = {
     "sd21": {
         "family": "sd2",
         "unet": dict(_SD_UNET, sample_size=96, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
-                     use_linear_projection=True, upcast_attention=True),
+                     use_linear_projection=True, upcast_attention=True, dual_cross_attention=False,
+                     num_class_embeds=None, only_cross_attention=False),
         "vae": dict(_SD_VAE, sample_size=768),
         "text_encoder": dict(_SD1_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                              num_attention_heads=16, hidden_act="gelu", projection_dim=512),

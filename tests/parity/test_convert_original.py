@@ -25,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import original_format as fmt  # tests/parity/ is on sys.path under pytest's default import mode
 from sdcore.convert.original import split_original
+from sdcore.presets import preset
 from sdcore.errors import SdcoreError
 
 # Tiny configs. SD1.x: conv proj_in, 8 heads, 3 levels; SD2.x: linear proj_in, 64-wide heads,
@@ -333,41 +334,8 @@ def test_use_ema_true_without_ema_copy(sd1_checkpoint):
 
 # ---- full-size layouts (meta device: shapes only) against the standard diffusers configs ----
 
-# unet/, vae/ and text_encoder/config.json of stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1
-# (bookkeeping keys such as _diffusers_version, _name_or_path, torch_dtype left out).
-_SD_UNET = {
-    "act_fn": "silu", "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-_SD_VAE = {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-_SD_TEXT = {
-    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
-    "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
-    "model_type": "clip_text_model", "pad_token_id": 1, "vocab_size": 49408,
-}
-STANDARD = {
-    "sd1": {
-        "unet": dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=768, sample_size=64),
-        "vae": dict(_SD_VAE, sample_size=512),
-        "text_encoder": dict(_SD_TEXT, hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072,
-                             num_attention_heads=12, num_hidden_layers=12, projection_dim=768),
-    },
-    "sd2": {
-        "unet": dict(_SD_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, dual_cross_attention=False,
-                     num_class_embeds=None, only_cross_attention=False, sample_size=96, upcast_attention=True,
-                     use_linear_projection=True),
-        "vae": dict(_SD_VAE, sample_size=768),
-        "text_encoder": dict(_SD_TEXT, hidden_act="gelu", hidden_size=1024, intermediate_size=4096,
-                             num_attention_heads=16, num_hidden_layers=23, projection_dim=512),
-    },
-}
+# the configs of stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 (sdcore.presets)
+STANDARD = {"sd1": preset("sd15"), "sd2": preset("sd21")}
 
 
 def _fake_arrays(ckpt: dict) -> dict[str, np.ndarray]:
