@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+# Tests of a tool itself (test_train_demo_model.py, test_demo_model.py) import it by name. The helpers
+# tests and tools share live in sdcore.testing; this line goes once pytest's `pythonpath` option
+# (pyproject.toml) names tools/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 
 @pytest.fixture(scope="session")
@@ -27,20 +29,20 @@ class Checkpoints:
     def diffusers(self, preset: str = "tiny-sd1", inpainting: bool = False, prediction_type: str = "epsilon") -> Path:
         key = ("diffusers", preset, inpainting, prediction_type)
         if key not in self._made:
-            import make_random_checkpoint
+            from sdcore.testing.checkpoints import write_diffusers
 
             out = self.root / "-".join(["diffusers", preset, "inpaint" if inpainting else "base", prediction_type])
-            make_random_checkpoint.write_diffusers(out, preset, inpainting, seed=0, prediction_type=prediction_type)
+            write_diffusers(out, preset, inpainting, seed=0, prediction_type=prediction_type)
             self._made[key] = out
         return self._made[key]
 
     def single_file(self, preset: str = "tiny-sd1", inpainting: bool = False, fmt: str = "safetensors") -> Path:
         key = ("single", preset, inpainting, fmt)
         if key not in self._made:
-            import make_random_checkpoint
+            from sdcore.testing.checkpoints import write_single_file
 
             out = self.root / f"single-{preset}-{'inpaint' if inpainting else 'base'}.{fmt}"
-            make_random_checkpoint.write_single_file(out, preset, inpainting, seed=0, fmt=fmt)
+            write_single_file(out, preset, inpainting, seed=0, fmt=fmt)
             self._made[key] = out
         return self._made[key]
 

@@ -15,7 +15,6 @@ import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import ftfy
 import numpy as np
@@ -23,12 +22,10 @@ import pytest
 import regex
 
 from sdcore.errors import SdcoreError
+from sdcore.testing.prompt_corpus import CORPUS, GOLDEN, ids_digest, make_corpus, read_corpus
 from sdcore.tokenizer import CLIPTokenizer, write_vocab_files
 from sdcore.tokenizer.clip_tokenizer import NUM_MERGES, _FTFY_NOOP
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from make_prompt_corpus import CORPUS, GOLDEN, ids_digest, make_corpus, read_corpus  # noqa: E402
 
 SETTINGS = {"sd1": "<|endoftext|>", "sd2": "!"}
 MAX_REPORTED = 5  # mismatching prompts shown in a failure message

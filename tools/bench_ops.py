@@ -19,12 +19,8 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _parse_variant(text: str) -> tuple[str, dict[str, int]]:

@@ -15,15 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_prompt_corpus import read_corpus  # noqa: E402
-
-from sdcore.tokenizer import CLIPTokenizer, write_vocab_files  # noqa: E402
-from sdcore.tokenizer.clip_tokenizer import _FTFY_NOOP  # noqa: E402
+from sdcore.testing.prompt_corpus import read_corpus
+from sdcore.tokenizer import CLIPTokenizer, write_vocab_files
+from sdcore.tokenizer.clip_tokenizer import _FTFY_NOOP
 
 
 def _best(fn, repeat: int) -> tuple[float, float]:

@@ -20,11 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from benchmark import _median_alternating, write_report  # noqa: E402  (tools/benchmark.py)
+from benchmark import _median_alternating, write_report  # tools/benchmark.py: this script's folder is on sys.path
 
 START, END = "<!-- tome:start -->", "<!-- tome:end -->"
 
@@ -50,7 +46,7 @@ def main(argv=None) -> int:
     import tomesd
     import torch
 
-    from make_random_checkpoint import write_diffusers
+    from sdcore.testing.checkpoints import write_diffusers
     from sdcore.convert import convert
     from sdcore.pipeline import StableDiffusion
     from sdcore.tome import ToMeConfig

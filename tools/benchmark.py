@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CONFIGS = {  # name: (preset, sizes in pixels, default steps)
     "sd15": ("sd15", (256, 512), 20),
@@ -112,7 +111,7 @@ def bench_size(preset_name: str, size: int, rows, runs: int, cache_dir: str, log
     import torch
 
     from sdcore.presets import preset
-    from tools.make_random_checkpoint import build_models
+    from sdcore.testing.checkpoints import build_models
 
     p = preset(preset_name)
     _, unet_t, vae_t, text_t = build_models(preset_name, False, seed=0)

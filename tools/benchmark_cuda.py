@@ -28,10 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tools.benchmark import (  # noqa: E402
+from benchmark import (  # tools/benchmark.py: this script's folder is on sys.path
     CONFIGS, _median_alternating, _state, run_txt2img_children, txt2img_cells, write_report)
 
 ALL_ROWS = ("unet", "vae", "text", "txt2img", "compile")
@@ -82,7 +79,7 @@ def bench_networks(preset_name: str, size: int, rows, runs: int, cache_dir: str,
     from sdcore.parity import compare
     from sdcore.presets import preset
     from sdcore.tome import ToMeConfig
-    from tools.make_random_checkpoint import build_models
+    from sdcore.testing.checkpoints import build_models
 
     p = preset(preset_name)
     _, unet_t, vae_t, text_t = build_models(preset_name, False, seed=0)

@@ -59,7 +59,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SIZE = 64
 SHAPES = ("circle", "square", "triangle")

@@ -1,7 +1,7 @@
 """Original single-file checkpoints -> diffusers components: sdcore.convert.original against diffusers.
 
 Seeded random diffusers/transformers models (tiny configs) are written in the original layout by
-tests/parity/original_format.py, then
+sdcore/testing/original_format.py, then
   (a) diffusers' own single-file conversion (diffusers/loaders/single_file_utils.py) must read them
       back into exactly the models' tensors: the written dicts look like real checkpoints;
   (b) `split_original` must return exactly the same tensors (names, shapes, dtypes, values), and
@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as diffusers_single_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-import original_format as fmt  # tests/parity/ is on sys.path under pytest's default import mode
 from sdcore.convert.original import split_original
 from sdcore.presets import preset
+from sdcore.testing import original_format as fmt
 from sdcore.errors import SdcoreError
 
 # Tiny configs. SD1.x: conv proj_in, 8 heads, 3 levels; SD2.x: linear proj_in, 64-wide heads,

@@ -1,18 +1,21 @@
 """Write diffusers/transformers models in the original single-file (CompVis / Stability) layout.
 
-Test-side only: the inverse of sdcore/convert/original*.py, written separately and from the original
-module trees (ldm `openaimodel.py` UNetModel, ldm `model.py` Encoder/Decoder, transformers
+Test-side only (tests/parity/test_convert_original.py, sdcore.testing.checkpoints): the inverse of
+sdcore/convert/original*.py, written separately and from the original module trees (ldm `openaimodel.py` UNetModel, ldm `model.py` Encoder/Decoder, transformers
 CLIPTextModel as wrapped by FrozenCLIPEmbedder, open_clip's text Transformer as wrapped by
 FrozenOpenCLIPEmbedder). test_convert_original.py checks that diffusers' own single-file conversion
 reads these dicts back into the models they came from, which shows they look like real checkpoints.
-Works on torch tensors (meta tensors included: nothing here reads values).
+Works on torch tensors (meta tensors included: nothing here reads values); torch is imported by the
+functions that make tensors, so importing this module needs no torch.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -76,6 +79,8 @@ def unet_to_original(state: dict[str, torch.Tensor], config) -> dict[str, torch.
 
 def ema_entries(unet_original: dict[str, torch.Tensor], num_updates: int = 1234) -> dict[str, torch.Tensor]:
     """LitEma's copy: "model_ema." + the name below "model." without dots, plus its two counters."""
+    import torch
+
     out = {"model_ema." + k[len("model."):].replace(".", ""): v for k, v in unet_original.items()}
     out["model_ema.decay"] = torch.tensor(0.9999)
     out["model_ema.num_updates"] = torch.tensor(num_updates, dtype=torch.int32)
@@ -84,6 +89,8 @@ def ema_entries(unet_original: dict[str, torch.Tensor], num_updates: int = 1234)
 
 def schedule_buffers(steps: int = 1000) -> dict[str, torch.Tensor]:
     """The buffers LatentDiffusion.register_schedule stores (scaled-linear betas)."""
+    import torch
+
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
     alphas_cumprod = torch.cumprod(1.0 - betas, 0)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -135,6 +142,8 @@ def vae_to_original(state: dict[str, torch.Tensor], config) -> dict[str, torch.T
 def clip_to_original(state: dict[str, torch.Tensor], *, legacy: bool = False) -> dict[str, torch.Tensor]:
     """SD1.x: FrozenCLIPEmbedder's transformers CLIPTextModel; `legacy` drops the text_model. level
     (checkpoints saved with transformers < 4.20), and the position_ids buffer is written as they were."""
+    import torch
+
     level = "" if legacy else "text_model."
     out = {f"{CLIP}{level}{k.removeprefix('text_model.')}": v for k, v in state.items()}
     positions = state[next(k for k in state if k.endswith("position_embedding.weight"))].shape[0]
@@ -157,6 +166,8 @@ def open_clip_to_original(
     """SD2.x: open_clip's text tower. The transformers model has one layer fewer than the tower, so
     `last_block` (open_clip names below resblocks.N.) supplies the unused last resblock, and `head`
     the text_projection/logit_scale SD never uses."""
+    import torch
+
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     out = {
         f"{OPENCLIP}token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
@@ -198,6 +209,8 @@ def to_original(unet_state, vae_state, text_state, *, family: str, unet_config, 
 
     SD2.x's unused last open_clip block and projection head get seeded random values.
     """
+    import torch
+
     ckpt = {k: v for k, v in schedule_buffers().items()}
     ckpt.update(unet_to_original(unet_state, unet_config))
     ckpt.update(vae_to_original(vae_state, vae_config))
