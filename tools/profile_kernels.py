@@ -15,12 +15,8 @@ import argparse
 import collections
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def scheduled_module(network: str, config: str, size: int):
