@@ -27,7 +27,7 @@ def _cuda_build(module, spec):
     from sdcore.compile import export, lift_weight_transforms, make_target, relax_pipeline
 
     target = make_target("cuda", arch=ARCH)
-    ir_mod, _ = export(module, spec, target)
+    ir_mod, _ = export(module, spec)
     ir_mod, transforms = lift_weight_transforms(ir_mod, target, True, spec)
     executable = relax.build(ir_mod, target=target, relax_pipeline=relax_pipeline(target))
 

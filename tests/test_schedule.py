@@ -9,6 +9,7 @@ multiples of the vector width, head sizes of 40 and 77 keys, 1x1/3x3/stride-2 co
 
 from __future__ import annotations
 
+import collections
 import math
 import platform
 from pathlib import Path
@@ -18,9 +19,8 @@ import pytest
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from sdcore import ops
 from sdcore.compile import build, make_target
-from sdcore.ops import attention
+from sdcore.layers import attention
 from sdcore.schedule.matmul import _PANEL_BYTES, _packed_row_tiles, matmul_tiles
 
 
@@ -148,9 +148,9 @@ def test_attention_kernel_for_each_vector_width(n, m, heads, d, causal, lanes):
     func = attention_kernel(2, n, m, heads, d, 1.0 / d**0.5, lanes, causal).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
     dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros_like(q), dev)
-    lib["main"](*(tvm.runtime.tensor(a, dev) for a in (q, k_heads, v_heads)), out)
-    _close(out.numpy(), _attention_reference(q, k, v, heads, causal=causal))
+    out = tvm.runtime.tensor(np.zeros((2, n, heads, d), "float32"), dev)
+    lib["main"](*(tvm.runtime.tensor(a, dev) for a in (q.reshape(2, n, heads, d), k_heads, v_heads)), out)
+    _close(out.numpy().reshape(q.shape), _attention_reference(q, k, v, heads, causal=causal))
 
 
 def test_causal_attention_matches_numpy(tmp_path):
@@ -229,7 +229,7 @@ def test_linear_avx2_rows_padded(tmp_path, batch, m, k, n):
 
 class _Conv3x3(nn.Module):
     def __init__(self, c, o):
-        self.conv = ops.Conv2D(c, o, 3, padding=1)
+        self.conv = nn.Conv2D(c, o, 3, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -250,15 +250,17 @@ def _conv3x3_float64(x, w, b):
     (2, 32, 48, 16, 16, "avx512"),   # AVX-512's 16-channel blocks: run only on such a CPU
 ])
 def test_winograd_conv_against_float64(tmp_path, monkeypatch, batch, c, o, h, w, cpu):
-    """sdcore.ops.Conv2D's Winograd F(2x2, 3x3) path (forced on for small images) against a float64
-    convolution: input transform, GEMM with U computed per task from the weight, output transform."""
+    """The dispatch pass's Winograd F(2x2, 3x3) path (forced on for small images and channel counts)
+    against a float64 convolution: input transform, GEMM with U computed per task from the weight,
+    output transform."""
     from tvm.target import Target
 
     from sdcore.schedule import winograd
 
     if cpu != "host" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("builds for an x86 CPU")
-    monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(winograd, "WINOGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(winograd, "WINOGRAD_MIN_CHANNELS", 1)
     used = []
     real = winograd.input_transform
     monkeypatch.setattr(winograd, "input_transform", lambda *a: used.append(a) or real(*a))
@@ -278,14 +280,38 @@ def test_winograd_conv_against_float64(tmp_path, monkeypatch, batch, c, o, h, w,
     _close(cm.forward(x), _conv3x3_float64(x, weight, bias), rtol=1e-5)
 
 
+def _dispatched(module, spec: dict, target="llvm") -> collections.Counter:
+    """Export `module` and run the dispatch pass for `target`: -> how often each PrimFunc (call_tir,
+    by name without its numbered suffix) and each Relax op is called."""
+    import tvm
+    from tvm import relax
+
+    from sdcore.schedule.dispatch import DispatchKernels
+
+    target = make_target(target) if target == "llvm" else make_target("cuda", arch="sm_90")
+    ir_mod, _ = module.export_tvm(spec=spec)
+    with target:
+        ir_mod = DispatchKernels(target)(ir_mod)
+    counts = collections.Counter()
+
+    def count(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            name = expr.op.name
+            counts[expr.args[0].name_hint.rstrip("0123456789") if name == "relax.call_tir" else name] += 1
+
+    relax.analysis.post_order_visit(ir_mod["forward"], count)
+    return counts
+
+
 def test_winograd_only_where_it_applies():
     """Direct convolution for what F(2x2, 3x3) does not cover or does not pay for."""
-    from tvm.relax.frontend.nn.core import Tensor
 
-    def takes(c, o, shape, **kw):
-        conv = ops.Conv2D(c, o, kw.pop("kernel", 3), padding=kw.pop("padding", 1), stride=kw.pop("stride", 1))
-        with ops.kernels_for(make_target("llvm")):
-            return conv.winograd(Tensor.placeholder(shape, "float32"))
+    def takes(c, o, shape, kernel=3, padding=1, stride=1, bias=True):
+        conv = nn.Conv2D(c, o, kernel, padding=padding, stride=stride, bias=bias)
+        counts = _dispatched(conv, {"forward": {"x": nn.spec.Tensor(shape, "float32")}})
+        assert counts["winograd_input"] == counts["winograd_gemm"] == counts["winograd_output"]
+        assert counts["relax.nn.conv2d"] == 1 - counts["winograd_input"]
+        return counts["winograd_input"] == 1
 
     assert takes(320, 320, (2, 320, 64, 64))
     assert takes(1280, 1280, (2, 1280, 16, 16))             # 128 tiles
@@ -298,7 +324,72 @@ def test_winograd_only_where_it_applies():
     assert takes(960, 320, (2, 960, 64, 64))                # 160 MiB
     assert not takes(320, 320, (2, 320, 64, 64), stride=2)
     assert not takes(320, 320, (2, 320, 64, 64), kernel=1, padding=0)
+    assert not takes(320, 320, (2, 320, 64, 64), bias=False)
     assert not takes(4, 320, (2, 4, 64, 64))                # channels not a multiple of the vector
+    assert not takes(512, 8, (1, 512, 64, 64))              # the VAE encoder's conv_out: 8 channels
+
+
+class _VAEStage(nn.Module):
+    """A VAE resnet (norm-SiLU-conv twice) and its attention, at a given size."""
+
+    def __init__(self, channels):
+        from sdcore.vae.blocks import Attention, ResnetBlock2D
+
+        self.resnet = ResnetBlock2D(in_channels=channels, out_channels=channels, groups=8)
+        self.attention = Attention(channels=channels, groups=8)
+
+    def forward(self, x):
+        return self.attention(self.resnet(x))
+
+
+def test_dispatch_picks_the_cpu_kernels():
+    """On llvm the VAE's accurate GroupNorms become the fused kernel (with the SiLU after them in
+    the resnet), its 3x3 convs Winograd and its attention the fused kernel; rows that are not a
+    multiple of 16 keep the GroupNorm graph."""
+    counts = _dispatched(_VAEStage(64), {"forward": {"x": nn.spec.Tensor((1, 64, 32, 32), "float32")}})
+    assert counts["group_norm"] == 3 and counts["relax.nn.silu"] == 0 and counts["relax.sum"] == 0
+    assert counts["winograd_input"] == 2 and counts["relax.nn.conv2d"] == 0
+    assert counts["fused_attention"] == 1 and counts["relax.nn.attention"] == 0
+    counts = _dispatched(_VAEStage(64), {"forward": {"x": nn.spec.Tensor((1, 64, 12, 12), "float32")}})
+    assert counts["group_norm"] == 0 and counts["relax.sum"] == 12 and counts["relax.nn.silu"] == 2
+
+
+def test_dispatch_leaves_the_unet_group_norm():
+    """TVM's own group_norm (the UNet's nn.GroupNorm) is not the accurate graph: no kernel for it."""
+    counts = _dispatched(_ConvBlock(64, 64, 1, 1), {"forward": {"x": nn.spec.Tensor((1, 64, 32, 32), "float32")}})
+    assert counts["relax.nn.group_norm"] == 1 and counts["group_norm"] == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dispatch_attention_per_target(causal):
+    """float32 attention is the fused kernel on llvm; on cuda, and for float16 on llvm, the graph of
+    matmuls and a softmax (with the causal mask) that dlight's GPU rules schedule."""
+
+    class _Self(nn.Module):
+        def forward(self, q):
+            return attention(q, q, q, 2, causal=causal)
+
+    for target, dtype, fused in [("llvm", "float32", 1), ("cuda", "float32", 0), ("llvm", "float16", 0)]:
+        counts = _dispatched(_Self(), {"forward": {"q": nn.spec.Tensor((2, 77, 64), dtype)}}, target)
+        assert counts["fused_attention"] == fused and counts["relax.nn.attention"] == 0
+        assert counts["relax.nn.softmax"] == counts["relax.matmul"] / 2 == 1 - fused
+        assert counts["relax.triu"] == (1 - fused) * causal
+
+
+def test_cuda_half_upcast_attention_as_today():
+    """With upcast (CLIP, SD2.1-v) in float16, the scores and softmax are float32 and p·v float16."""
+    from tvm import relax
+
+    class _Self(nn.Module):
+        def forward(self, q):
+            return attention(q, q, q, 2, causal=True, upcast=True)
+
+    counts = _dispatched(_Self(), {"forward": {"q": nn.spec.Tensor((2, 77, 64), "float16")}}, "cuda")
+    assert counts["relax.astype"] == 3 and counts["relax.nn.softmax"] == 1
+    ir_mod, _ = _Self().export_tvm(spec={"forward": {"q": nn.spec.Tensor((2, 77, 64), "float16")}})
+    softmax = [b.value for b in ir_mod["forward"].body.blocks[0].bindings
+               if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.nn.softmax"]
+    assert [s.ty.dtype for s in softmax] == ["float32"]
 
 
 def test_softmax_sigmoid_fast_exp(tmp_path):
@@ -326,14 +417,14 @@ def test_gelu_fast_erf_against_float64(tmp_path):
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("batch,c,h,w", [(1, 64, 6, 32), (2, 32, 3, 16), (1, 16, 4, 12)])  # 12 wide: the graph
 def test_group_norm_kernel_against_float64(tmp_path, silu, batch, c, h, w):
-    from sdcore.vae.blocks import GroupNorm
+    from sdcore.layers import GroupNorm
 
     class _Norm(nn.Module):
         def __init__(self):
             self.norm = GroupNorm(8, c, 1e-6, "float32")
 
         def forward(self, x):
-            return self.norm(x, silu=silu)
+            return op.silu(self.norm(x)) if silu else self.norm(x)
 
     rng = np.random.default_rng(6)
     x = (rng.standard_normal((batch, c, h, w)) * 3 + 20).astype("float32")  # a mean far from 0
@@ -367,7 +458,7 @@ def test_matmul_tiles_fit_the_registers():
 
 
 def test_build_keeps_no_caller_frame_alive(tmp_path):
-    """TVMScript's parser (run while the attention kernel is exported) keeps inspect.stack() records in
+    """TVMScript's parser (run while the dispatch pass builds the attention kernel) keeps inspect.stack() records in
     reference cycles that hold every caller's frame; build() collects them, so a caller's locals (the
     pipeline's loaded weights, a test's models) are freed when it returns, not at some later GC."""
     import gc

@@ -48,11 +48,9 @@ def _ints(text: str, count, what: str) -> list[int]:
 def _modules():
     from tvm.relax.frontend import nn
 
-    from sdcore import ops
-
     class Conv(nn.Module):
         def __init__(self, c, o):
-            self.conv = ops.Conv2D(c, o, 3, padding=1)
+            self.conv = nn.Conv2D(c, o, 3, padding=1)
 
         def forward(self, x):
             return self.conv(x)

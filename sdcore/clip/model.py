@@ -15,7 +15,7 @@ from tvm.relax.frontend.nn import op
 
 from sdcore.clip.config import CLIPTextConfig
 from sdcore.errors import SdcoreError
-from sdcore.ops import attention
+from sdcore.layers import attention
 
 # transformers' legacy eos_token_id: with it, pooling takes the position of the largest id.
 _LEGACY_EOS_TOKEN_ID = 2

@@ -53,7 +53,7 @@ def build(
     if isinstance(target, str):
         target = make_target(target)
 
-    ir_mod, named_params = export(module, spec, target, debug=debug)
+    ir_mod, named_params = export(module, spec, debug=debug)
     lib_path, meta_path = cache.entry(cache_dir, name, {
         "ir": ir_mod.script(show_meta=True),
         "target": str(target),
@@ -71,6 +71,11 @@ def build(
             check_cuda_compiler()
         start = time.perf_counter()
         executable = relax.build(ir_mod, target=target, relax_pipeline=relax_pipeline(target, schedule))
+        # TVMScript's parser (run by the dispatch pass for the hand-written kernels) keeps
+        # inspect.stack() records in reference cycles, and they hold every caller's frame: until
+        # Python's cycle collector happens to run, a caller's locals (the pipeline's loaded weights,
+        # a parity test's torch model) stay alive
+        gc.collect()
         seconds = time.perf_counter() - start
         logger.info("compiled %s for %s in %.1f s", name, target.kind.name, seconds)
         if use_cache:
@@ -87,16 +92,8 @@ def build(
                          input_dtypes=input_dtypes)
 
 
-def export(module, spec: dict[str, dict[str, Any]], target, *, debug: bool = False):
-    """`module.export_tvm(spec)` for `target` -> (IRModule, named parameters). The hand-written CPU
-    kernels (sdcore/schedule) go into llvm exports only; a CUDA export is the plain graph."""
-    from sdcore.ops import kernels_for
-
-    with kernels_for(target):
-        ir_mod, named_params = module.export_tvm(spec=spec, debug=debug)
-    # TVMScript's parser keeps inspect.stack() records in reference cycles, and they hold every
-    # caller's frame: until Python's cycle collector happens to run, a caller's locals (the
-    # pipeline's loaded weights, a parity test's torch model) stay alive
-    gc.collect()
-    return ir_mod, named_params
+def export(module, spec: dict[str, dict[str, Any]], *, debug: bool = False):
+    """`module.export_tvm(spec)` -> (IRModule, named parameters): the network's plain graph, the
+    same for every target (the pipeline's dispatch pass picks the kernels, sdcore/schedule/dispatch.py)."""
+    return module.export_tvm(spec=spec, debug=debug)
 

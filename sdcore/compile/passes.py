@@ -23,19 +23,22 @@ def lift_weight_transforms(ir_mod, target, schedule: bool, spec) -> tuple[Any, d
 
 
 def scheduling_passes(target) -> list:
-    """The llvm pipeline's first half: TVM's library dispatch, sdcore's fast exp, legalization and
-    fusion, then sdcore's schedule rules. tools/profile_kernels.py stops here to time each kernel."""
+    """The llvm pipeline's first half: sdcore's kernel dispatch, TVM's library dispatch, sdcore's
+    fast exp, legalization and fusion, then sdcore's schedule rules. tools/profile_kernels.py stops
+    here to time each kernel."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from sdcore.schedule import FastExp, schedule_cpu
+    from sdcore.schedule import DispatchKernels, FastExp, schedule_cpu
 
-    return cpu.library_dispatch_passes(target) + [FastExp()] + cpu.legalize_passes(target) + [schedule_cpu()]
+    return ([DispatchKernels(target)] + cpu.library_dispatch_passes(target) + [FastExp()]
+            + cpu.legalize_passes(target) + [schedule_cpu()])
 
 
 def relax_pipeline(target, schedule: bool = True):
-    """The Relax pipeline for `target`: on llvm, TVM's CPU pipeline with sdcore's schedule rules
-    applied right after FuseTIR (TVM's own leaves every loop serial and unvectorized); on cuda,
-    TVM's CUDA pipeline with dlight's GPU rules applied kernel by kernel (sdcore/schedule/gpu.py)."""
+    """The Relax pipeline for `target`: sdcore's kernel dispatch (sdcore/schedule/dispatch.py), then
+    on llvm TVM's CPU pipeline with sdcore's schedule rules applied right after FuseTIR (TVM's own
+    leaves every loop serial and unvectorized), on cuda TVM's CUDA pipeline with dlight's GPU rules
+    applied kernel by kernel (sdcore/schedule/gpu.py)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.backend.cuda import pipeline as cuda
@@ -46,12 +49,13 @@ def relax_pipeline(target, schedule: bool = True):
     def passes():
         if target.kind.name == "llvm":
             return scheduling_passes(target) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+        from sdcore.schedule import DispatchKernels
         from sdcore.schedule.gpu import schedule_cuda
 
         legalize = cuda.legalize_passes(target)
         # TVM's CUDA legalization ends with dlight.ApplyDefaultSchedule: sdcore's pass takes its place
         assert legalize[-1].info.name == "ApplyDefaultSchedule", legalize[-1].info.name
-        return (cuda.library_dispatch_passes(target) + legalize[:-1] + [schedule_cuda()]
+        return ([DispatchKernels(target)] + cuda.library_dispatch_passes(target) + legalize[:-1] + [schedule_cuda()]
                 + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
 
     @tvm.transform.module_pass(opt_level=0, name="SdcorePipeline")
@@ -67,7 +71,8 @@ def pipeline_id(target, schedule: bool = True) -> str:
     part of it, so editing a rule or a pass invalidates the libraries built with the old one."""
     if not schedule or target.kind.name not in ("llvm", "cuda"):
         return "default-v1"
-    from sdcore import schedule
+    from sdcore import layers, schedule
 
-    sources = sorted(Path(schedule.__file__).parent.glob("*.py")) + [Path(__file__)]
+    # (layers.py: the dispatch pass writes attention out as its graph)
+    sources = sorted(Path(schedule.__file__).parent.glob("*.py")) + [Path(layers.__file__), Path(__file__)]
     return f"{target.kind.name}-schedule-lift-" + sha256_files(sources)[:16]

@@ -2,6 +2,7 @@
 
 from sdcore.schedule.common import vector_lanes
 from sdcore.schedule.cpu import Conv2d, Generic, Matmul, schedule_cpu
+from sdcore.schedule.dispatch import DispatchKernels
 from sdcore.schedule.fastmath import FastExp
 
-__all__ = ["Conv2d", "FastExp", "Generic", "Matmul", "schedule_cpu", "vector_lanes"]
+__all__ = ["Conv2d", "DispatchKernels", "FastExp", "Generic", "Matmul", "schedule_cpu", "vector_lanes"]

@@ -14,22 +14,20 @@ L2), so the BR queries are the vector lanes throughout:
    horizontal reductions. The 1/sum is applied at the write-back.
 3. outᵀ = vᵀ p: register tiles of up to 12 head channels x 32 queries, the keys innermost, in
    blocks of KEY_BLOCK = 128 keys (the block's v rows and p rows stay in the L1/L2 while every
-   channel tile walks them), summed into a d x 32 buffer and written straight into the [B, N, H*D]
-   layout the output projection reads. Over all keys at once every channel tile re-read v from
-   beyond the L2; blocked, 1 thread, one process, Zen 3: SD1.5 self-attention at 64x64 latents
-   (2 x 8 heads x 4096 x 40) 811 -> 648 ms, the VAE's (4096 x 512, one head) 744 -> 475 ms; 1024
-   tokens x 80 and cross-attention over 77 keys unchanged.
+   channel tile walks them; over all keys at once, every channel tile re-read v from beyond the
+   L2), summed into a d x 32 buffer and written straight into the [B, N, H, D] layout, which the
+   output projection reads as [B, N, H*D].
 
-q and out stay in the [B, tokens, H*D] layout of the projections; k and v come in per head,
-[B, H, M, D] (sdcore.ops.attention permutes them, one pass over each): read in place from the
-[B, M, H*D] layout, a head's keys are 160-byte pieces 1280 bytes apart over 5 MiB (8 heads of 40 at
-4096 tokens), and the kernel ran at 73 GFLOP/s against 103 with them contiguous (1 thread).
-Vector extents are kept at powers of two (16/32): measured, a 40- or 48-lane vector ran at 6
-GFLOP/s, 15x slower. A query block past the last row recomputes the last row (identical values
-written twice). The function is written already scheduled (parallel, vectorized, unrolled) and
-marked `tirx.is_scheduled`, so the dlight rules leave it alone; it is fp32 and CPU-only
-(`T.parallel`). `sdcore.ops.attention` uses it for every float32 attention with static shapes: the
-UNet's and VAE's, and CLIP's causal self-attention (keys after the query masked like the padding).
+q and out are in the layout of Relax's attention op, [B, tokens, H, D] (the projections' [B,
+tokens, H*D]); k and v come in per head, [B, H, M, D] (sdcore.schedule.dispatch permutes them, one
+pass over each): read in place, a head's keys would be 160-byte pieces 1280 bytes apart over 5 MiB
+(8 heads of 40 at 4096 tokens). Vector extents are kept at powers of two (16/32): a 40- or 48-lane
+vector is far slower. Figures for both: docs/performance.md. A query block past the last row
+recomputes the last row (identical values written twice). The function is written already
+scheduled (parallel, vectorized, unrolled) and marked `tirx.is_scheduled`, so the schedule rules
+leave it alone; it is fp32 and CPU-only (`T.parallel`). sdcore.schedule.dispatch uses it for every
+float32 attention with static shapes: the UNet's and VAE's, and CLIP's causal self-attention (keys
+after the query masked like the padding).
 """
 
 from __future__ import annotations
@@ -59,13 +57,12 @@ def _tile(d: int, most: int) -> int:
 @functools.lru_cache(maxsize=None)
 def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, lanes: int = 16,
                      causal: bool = False, key_block: int = KEY_BLOCK) -> tirx.PrimFunc:
-    """A PrimFunc (q [b, n, heads*d], k [b, heads, m, d], v [b, heads, m, d]) -> out [b, n, heads*d],
+    """A PrimFunc (q [b, n, heads, d], k [b, heads, m, d], v [b, heads, m, d]) -> out [b, n, heads, d],
     tiled for `lanes` float32 lanes per vector register (16: AVX-512, 8: AVX2). `causal` (self-
     attention, n == m) masks the keys after each query, as the padded keys are masked."""
     if causal and n != m:
         raise ValueError(f"causal attention needs as many queries as keys, got {n} and {m}")
     BR, KEYS = block_sizes(lanes)  # noqa: N806 (constants of this kernel)
-    c = heads * d
     mp = -(-m // KEYS) * KEYS
     kb = min(key_block, mp)  # keys per block of p·v
     mb = -(-mp // kb) * kb  # st's rows: whole key blocks (those past mp hold p = 0)
@@ -76,13 +73,12 @@ def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, l
     scale_c = T.float32(scale)
 
     @T.prim_func(private=True)
-    def fused_attention(q: T.Buffer((b, n, c), "float32"), k: T.Buffer((b, heads, m, d), "float32"),
-                        v: T.Buffer((b, heads, m, d), "float32"), out: T.Buffer((b, n, c), "float32")):
+    def fused_attention(q: T.Buffer((b, n, heads, d), "float32"), k: T.Buffer((b, heads, m, d), "float32"),
+                        v: T.Buffer((b, heads, m, d), "float32"), out: T.Buffer((b, n, heads, d), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for task in T.parallel(tasks):
             batch = T.meta_var(task // (heads * blocks))
             head = T.meta_var((task // blocks) % heads)
-            chan = T.meta_var(head * d)  # the head's first channel in [.., H*D]
             row0 = T.meta_var((task % blocks) * BR)  # the block's first query
             qt = T.decl_buffer((d, BR), "float32")  # this block's queries, scaled and transposed
             st = T.decl_buffer((mb, BR), "float32")  # scores, then exp(scores - max), keys x queries
@@ -91,7 +87,7 @@ def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, l
             inv = T.decl_buffer((BR,), "float32")  # 1 / row sum
             for dd in range(d):
                 for i in T.vectorized(BR):
-                    qt[dd, i] = q[batch, T.min(row0 + i, n - 1), chan + dd] * scale_c
+                    qt[dd, i] = q[batch, T.min(row0 + i, n - 1), head, dd] * scale_c
             for i in T.vectorized(BR):
                 mx[i] = neg
                 inv[i] = T.float32(0)
@@ -146,6 +142,6 @@ def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, l
                             ot[do * dt + r, i] = acc2[r, i]
             for r in range(d):
                 for i in range(BR):
-                    out[batch, T.min(row0 + i, n - 1), chan + r] = ot[r, i] * inv[i]
+                    out[batch, T.min(row0 + i, n - 1), head, r] = ot[r, i] * inv[i]
 
     return fused_attention

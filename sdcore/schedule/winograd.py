@@ -5,7 +5,8 @@ Each 2x2 block of outputs ("tile") is computed from the 4x4 input patch around i
 
     Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A     for every (input channel, output channel), summed over input channels
 
-so a convolution becomes three steps, which sdcore.ops.Conv2D chains in the graph:
+so a convolution becomes three steps, which sdcore.schedule.dispatch puts in its place (`takes` says
+where):
 
 1. `input_transform`: V[p, t, c] = (Bᵀ d B)[p] for the 16 positions p of every tile t and channel c.
 2. `gemm`: one GEMM per position, M[p] = V[p] @ U[p] ([T, C] @ [C, K]; 16 x T x C x K multiply-adds
@@ -38,12 +39,30 @@ from tvm.script import tirx as T
 
 from sdcore.schedule.matmul import WINOGRAD_U
 
+# Where F(2x2, 3x3) pays: from this many 2x2 output tiles (batch x tile rows x tiles per row; below,
+# the transforms cost what the GEMM saves), while V [16, T, C] and M [16, T, K], the workspace it
+# adds, take at most WINOGRAD_MAX_BYTES (a bound on the txt2img memory peak: it admits the VAE's
+# 512 -> 512 convs at 128x128, not its 256x256 and 512x512 stages), and with both channel counts
+# at least WINOGRAD_MIN_CHANNELS (a network's first and last convs, 3 to 8 channels on one side,
+# have little GEMM for the transforms to save). Measurements: docs/performance.md, "Winograd".
+WINOGRAD_MIN_TILES = 16
+WINOGRAD_MAX_BYTES = 288 << 20
+WINOGRAD_MIN_CHANNELS = 64
+
 
 def tiles(n: int, h: int, w: int) -> tuple[int, int, int]:
     """(tile rows per image, tiles per row, tiles in all): 2x2 output tiles, the last row/column
     of an odd size half used."""
     th, tw = -(-h // 2), -(-w // 2)
     return th, tw, n * th * tw
+
+
+def takes(n: int, c: int, k: int, h: int, w: int, lanes: int) -> bool:
+    """Whether a 3x3, stride-1, padding-1 float32 conv of x [n, c, h, w] to k channels runs as
+    Winograd for `lanes` float32 lanes per vector (the transforms work on blocks of `lanes` channels)."""
+    t_all = tiles(n, h, w)[2]
+    return (c % lanes == 0 and k % lanes == 0 and min(c, k) >= WINOGRAD_MIN_CHANNELS
+            and t_all >= WINOGRAD_MIN_TILES and 16 * t_all * (c + k) * 4 <= WINOGRAD_MAX_BYTES)
 
 
 def u_coefficients() -> np.ndarray:
@@ -53,7 +72,7 @@ def u_coefficients() -> np.ndarray:
 
 
 def gemm(v, weight, coef):
-    """TE (for nn.op.tensor_expr_op): M[p, t, k] = sum_c V[p, t, c] U[p, c, k] for V [16, T, C],
+    """TE: M[p, t, k] = sum_c V[p, t, c] U[p, c, k] for V [16, T, C],
     the conv weight [K, C, 3, 3] and `u_coefficients()`. U = G g Gᵀ is computed in the same kernel:
     sdcore's Matmul rule computes each task's K panel of U from the weight where a Linear's weight
     panel is copied, so U (16/9 of the weight) is never stored, and the weight is not transposed at
@@ -73,6 +92,17 @@ def gemm(v, weight, coef):
     u = te.compute((16, c, k), u_value, name=WINOGRAD_U)
     rc = te.reduce_axis((0, c), name="rc")
     return te.compute((16, t_all, k), lambda p, t, ko: te.sum(v[p, t, rc] * u[p, rc, ko], axis=rc), name="matmul")
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_kernel(t_all: int, c: int, k: int) -> tirx.PrimFunc:
+    """`gemm` as a PrimFunc: (V [16, t_all, c], weight [k, c, 3, 3], coefficients [16, 9]) -> M [16, t_all, k]."""
+    from tvm import te
+
+    v = te.placeholder((16, t_all, c), "float32", "v")
+    weight = te.placeholder((k, c, 3, 3), "float32", "weight")
+    coef = te.placeholder((16, 9), "float32", "coef")
+    return te.create_prim_func([v, weight, coef, gemm(v, weight, coef)], "int64").without_attr("global_symbol")
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,13 +154,14 @@ def input_transform(n: int, c: int, h: int, w: int, lanes: int) -> tirx.PrimFunc
 
 @functools.lru_cache(maxsize=None)
 def output_transform(n: int, k: int, h: int, w: int, lanes: int) -> tirx.PrimFunc:
-    """M [16, T, k], bias [k] -> y [n, k, h, w] = Aᵀ M A + bias per tile. `k % lanes == 0`."""
+    """M [16, T, k], bias [1, k, 1, 1] (as the conv's bias add broadcasts it) -> y [n, k, h, w] =
+    Aᵀ M A + bias per tile. `k % lanes == 0`."""
     th, tw, t_all = tiles(n, h, w)
     kb = lanes
     blocks = k // kb
 
     @T.prim_func(private=True, check_well_formed=False)  # (the root block)
-    def winograd_output(m: T.Buffer((16, t_all, k), "float32"), bias: T.Buffer((k,), "float32"),
+    def winograd_output(m: T.Buffer((16, t_all, k), "float32"), bias: T.Buffer((1, k, 1, 1), "float32"),
                         y: T.Buffer((n, k, h, w), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         with T.sblock("root"):  # (a root block: relax reads a one-input PrimFunc for a reshape pattern)
@@ -149,8 +180,8 @@ def output_transform(n: int, k: int, h: int, w: int, lanes: int) -> tirx.PrimFun
                             s[1, b, ki] = m[4 + b, t, ch + ki] - m[8 + b, t, ch + ki] - m[12 + b, t, ch + ki]
                     for a in T.unroll(2):
                         for ki in T.vectorized(kb):
-                            o[a, 2 * tx, ki] = s[a, 0, ki] + s[a, 1, ki] + s[a, 2, ki] + bias[ch + ki]
-                            o[a, 2 * tx + 1, ki] = s[a, 1, ki] - s[a, 2, ki] - s[a, 3, ki] + bias[ch + ki]
+                            o[a, 2 * tx, ki] = s[a, 0, ki] + s[a, 1, ki] + s[a, 2, ki] + bias[0, ch + ki, 0, 0]
+                            o[a, 2 * tx + 1, ki] = s[a, 1, ki] - s[a, 2, ki] - s[a, 3, ki] + bias[0, ch + ki, 0, 0]
                 for a in range(2):
                     if 2 * ty + a < h:
                         for ki in range(kb):

@@ -20,10 +20,11 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.core import wrap_nested
 
-from sdcore.ops import Conv2D, attention
+from sdcore.layers import Downsample2D, attention
 
 if TYPE_CHECKING:
     from sdcore.tome.patch import ToMeInfo
+    from sdcore.unet.config import UNetConfig
 
 # ----------------------------------------------------------------------------------------------
 # time embedding
@@ -79,16 +80,16 @@ class ResnetBlock2D(nn.Module):
     `output_scale_factor` (the mid block's mid_block_scale_factor).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
+    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
                  output_scale_factor: float = 1.0, dtype: str = "float32"):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
-        self.conv1 = Conv2D(in_channels, out_channels, 3, padding=1, dtype=dtype)
+        self.conv1 = nn.Conv2D(in_channels, out_channels, 3, padding=1, dtype=dtype)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels, dtype=dtype)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
         # dropout: no weights, identity at inference
-        self.conv2 = Conv2D(out_channels, out_channels, 3, padding=1, dtype=dtype)
+        self.conv2 = nn.Conv2D(out_channels, out_channels, 3, padding=1, dtype=dtype)
         self.conv_shortcut = (nn.Conv2D(in_channels, out_channels, 1, dtype=dtype)
                               if in_channels != out_channels else None)
 
@@ -106,35 +107,12 @@ class ResnetBlock2D(nn.Module):
         return output
 
 
-class Downsample2D(nn.Module):
-    """Stride-2 3x3 convolution (diffusers `Downsample2D(use_conv=True, name="op")`: weights at `conv`).
-
-    With padding=0 (the VAE encoder's, and UNets built with downsample_padding=0) diffusers pads one
-    zero row at the bottom and one column at the right, as the original LDM code did: even sizes
-    are halved, and output pixel (i, j) sees input rows 2i..2i+2. Here that is the conv's own
-    (top, left, bottom, right) = (0, 0, 1, 1) padding, not a pad op: a separate pad was fused into
-    the previous conv's epilogue, which dlight's GPU Matmul rule cannot schedule (its fallback
-    needed 256 KB of shared memory, over the 48 KB limit).
-    """
-
-    def __init__(self, channels: int, padding: int = 1, dtype: str = "float32"):
-        super().__init__()
-        self.padding = padding
-        self.conv = nn.Conv2D(channels, channels, 3, stride=2, padding=padding, dtype=dtype)
-
-    def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
-        if self.padding == 0:
-            conv = self.conv
-            return op.conv2d(hidden_states, conv.weight, conv.bias, stride=2, padding=(0, 0, 1, 1))
-        return self.conv(hidden_states)
-
-
 class Upsample2D(nn.Module):
     """Nearest-neighbour upsampling to `output_size` (default 2x), then a 3x3 conv (diffusers `Upsample2D`)."""
 
     def __init__(self, channels: int, dtype: str = "float32"):
         super().__init__()
-        self.conv = Conv2D(channels, channels, 3, padding=1, dtype=dtype)
+        self.conv = nn.Conv2D(channels, channels, 3, padding=1, dtype=dtype)
 
     def forward(self, hidden_states: nn.Tensor, output_size: tuple[int, int] | None = None) -> nn.Tensor:
         _, _, h, w = hidden_states.shape
@@ -157,7 +135,7 @@ class Attention(nn.Module):
     Self-attention when `cross_attention_dim` is None, else keys/values come from the text states.
     """
 
-    def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
+    def __init__(self, *, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
                  upcast_attention: bool = False, dtype: str = "float32"):
         super().__init__()
         inner_dim = heads * dim_head
@@ -223,16 +201,16 @@ class BasicTransformerBlock(nn.Module):
     `only_cross_attention`, attn1 also attends to the text states instead of to itself.
     """
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, cross_attention_dim: int,
+    def __init__(self, *, dim: int, num_attention_heads: int, attention_head_dim: int, cross_attention_dim: int,
                  only_cross_attention: bool = False, upcast_attention: bool = False, dtype: str = "float32"):
         super().__init__()
         self.only_cross_attention = only_cross_attention
+        attention = dict(query_dim=dim, heads=num_attention_heads, dim_head=attention_head_dim,
+                         upcast_attention=upcast_attention, dtype=dtype)
         self.norm1 = nn.LayerNorm(dim, eps=1e-5, dtype=dtype)
-        self.attn1 = Attention(dim, num_attention_heads, attention_head_dim,
-                               cross_attention_dim if only_cross_attention else None, upcast_attention, dtype)
+        self.attn1 = Attention(cross_attention_dim=cross_attention_dim if only_cross_attention else None, **attention)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5, dtype=dtype)
-        self.attn2 = Attention(dim, num_attention_heads, attention_head_dim, cross_attention_dim,
-                               upcast_attention, dtype)
+        self.attn2 = Attention(cross_attention_dim=cross_attention_dim, **attention)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5, dtype=dtype)
         self.ff = FeedForward(dim, dtype=dtype)
 
@@ -265,7 +243,7 @@ class Transformer2DModel(nn.Module):
     reshape to tokens happens after a conv projection and before a linear one, as in diffusers.
     """
 
-    def __init__(self, num_attention_heads: int, attention_head_dim: int, in_channels: int, num_layers: int,
+    def __init__(self, *, num_attention_heads: int, attention_head_dim: int, in_channels: int, num_layers: int,
                  cross_attention_dim: int, norm_num_groups: int, use_linear_projection: bool = False,
                  only_cross_attention: bool = False, upcast_attention: bool = False, dtype: str = "float32"):
         super().__init__()
@@ -279,8 +257,10 @@ class Transformer2DModel(nn.Module):
             self.proj_in = nn.Conv2D(in_channels, inner_dim, 1, dtype=dtype)
             self.proj_out = nn.Conv2D(inner_dim, in_channels, 1, dtype=dtype)
         self.transformer_blocks = nn.ModuleList([
-            BasicTransformerBlock(inner_dim, num_attention_heads, attention_head_dim, cross_attention_dim,
-                                  only_cross_attention, upcast_attention, dtype)
+            BasicTransformerBlock(dim=inner_dim, num_attention_heads=num_attention_heads,
+                                  attention_head_dim=attention_head_dim, cross_attention_dim=cross_attention_dim,
+                                  only_cross_attention=only_cross_attention, upcast_attention=upcast_attention,
+                                  dtype=dtype)
             for _ in range(num_layers)
         ])
 
@@ -310,32 +290,50 @@ class Transformer2DModel(nn.Module):
 # UNet stages
 
 
+def _resnet(config: UNetConfig, in_channels: int, out_channels: int, dtype: str, **kw) -> ResnetBlock2D:
+    return ResnetBlock2D(in_channels=in_channels, out_channels=out_channels, temb_channels=config.time_embed_dim,
+                         groups=config.norm_num_groups, eps=config.norm_eps, dtype=dtype, **kw)
+
+
+def _transformer(config: UNetConfig, index: int, channels: int, dtype: str,
+                 only_cross_attention: bool) -> Transformer2DModel:
+    """The Transformer2DModel of down level `index` (the up path passes the level it mirrors)."""
+    heads = config.num_heads[index]
+    return Transformer2DModel(
+        num_attention_heads=heads, attention_head_dim=channels // heads, in_channels=channels,
+        num_layers=config.transformer_layers[index], cross_attention_dim=config.cross_attention_dims[index],
+        norm_num_groups=config.norm_num_groups, use_linear_projection=config.use_linear_projection,
+        only_cross_attention=only_cross_attention, upcast_attention=config.upcast_attention, dtype=dtype)
+
+
+def _down_channels(config: UNetConfig, index: int) -> tuple[int, int]:
+    """(in, out) channels of down_blocks.index: the previous block's output, its own."""
+    channels = config.block_out_channels
+    return channels[max(index - 1, 0)], channels[index]
+
+
 class CrossAttnDownBlock2D(nn.Module):
-    """(ResnetBlock2D, Transformer2DModel) x num_layers, then an optional stride-2 downsampler.
+    """down_blocks.index: (ResnetBlock2D, Transformer2DModel) x layers, then a stride-2 downsampler
+    unless it is the last block.
 
     Returns (hidden_states, skips): one skip per layer plus the downsampled output, as diffusers.
     """
 
     has_cross_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int,
-                 transformer_layers: int, num_heads: int, cross_attention_dim: int, groups: int, eps: float,
-                 add_downsample: bool, downsample_padding: int, use_linear_projection: bool,
-                 only_cross_attention: bool, upcast_attention: bool, dtype: str = "float32"):
+    def __init__(self, config: UNetConfig, index: int, dtype: str = "float32"):
         super().__init__()
+        in_channels, out_channels = _down_channels(config, index)
         self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps,
-                          dtype=dtype)
-            for i in range(num_layers)
+            _resnet(config, in_channels if i == 0 else out_channels, out_channels, dtype)
+            for i in range(config.layers[index])
         ])
         self.attentions = nn.ModuleList([
-            Transformer2DModel(num_heads, out_channels // num_heads, out_channels, transformer_layers,
-                               cross_attention_dim, groups, use_linear_projection, only_cross_attention,
-                               upcast_attention, dtype)
-            for _ in range(num_layers)
+            _transformer(config, index, out_channels, dtype, config.only_cross[index])
+            for _ in range(config.layers[index])
         ])
-        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, downsample_padding, dtype)])
-                             if add_downsample else None)
+        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, config.downsample_padding, dtype)])
+                             if index < config.num_blocks - 1 else None)
 
     def forward(self, hidden_states: nn.Tensor, temb: nn.Tensor, encoder_hidden_states: nn.Tensor,
                 tome: ToMeInfo | None = None):
@@ -351,20 +349,20 @@ class CrossAttnDownBlock2D(nn.Module):
 
 
 class DownBlock2D(nn.Module):
-    """ResnetBlock2D x num_layers, then an optional downsampler; returns (hidden_states, skips)."""
+    """down_blocks.index: ResnetBlock2D x layers, then a downsampler unless last; returns
+    (hidden_states, skips)."""
 
     has_cross_attention = False
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, groups: int,
-                 eps: float, add_downsample: bool, downsample_padding: int, dtype: str = "float32"):
+    def __init__(self, config: UNetConfig, index: int, dtype: str = "float32"):
         super().__init__()
+        in_channels, out_channels = _down_channels(config, index)
         self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps,
-                          dtype=dtype)
-            for i in range(num_layers)
+            _resnet(config, in_channels if i == 0 else out_channels, out_channels, dtype)
+            for i in range(config.layers[index])
         ])
-        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, downsample_padding, dtype)])
-                             if add_downsample else None)
+        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, config.downsample_padding, dtype)])
+                             if index < config.num_blocks - 1 else None)
 
     def forward(self, hidden_states: nn.Tensor, temb: nn.Tensor):
         skips = []
@@ -378,23 +376,20 @@ class DownBlock2D(nn.Module):
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
-    """ResnetBlock2D, then (Transformer2DModel, ResnetBlock2D) x 1; resnets scaled by output_scale_factor."""
+    """ResnetBlock2D, then (Transformer2DModel, ResnetBlock2D) x 1 at the last level's channels;
+    the resnets divide by mid_block_scale_factor."""
 
     has_cross_attention = True
 
-    def __init__(self, channels: int, temb_channels: int, transformer_layers: int, num_heads: int,
-                 cross_attention_dim: int, groups: int, eps: float, output_scale_factor: float,
-                 use_linear_projection: bool, upcast_attention: bool, dtype: str = "float32"):
+    def __init__(self, config: UNetConfig, dtype: str = "float32"):
         super().__init__()
+        channels = config.block_out_channels[-1]
         self.resnets = nn.ModuleList([
-            ResnetBlock2D(channels, channels, temb_channels, groups, eps, output_scale_factor, dtype)
+            _resnet(config, channels, channels, dtype, output_scale_factor=config.mid_block_scale_factor)
             for _ in range(2)
         ])
         # diffusers does not pass only_cross_attention to the mid block's transformer
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(num_heads, channels // num_heads, channels, transformer_layers,
-                               cross_attention_dim, groups, use_linear_projection, False, upcast_attention, dtype)
-        ])
+        self.attentions = nn.ModuleList([_transformer(config, config.num_blocks - 1, channels, dtype, False)])
 
     def forward(self, hidden_states: nn.Tensor, temb: nn.Tensor, encoder_hidden_states: nn.Tensor,
                 tome: ToMeInfo | None = None) -> nn.Tensor:
@@ -405,33 +400,39 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         return hidden_states
 
 
-def _up_resnets(in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                num_layers: int, groups: int, eps: float, dtype: str) -> nn.ModuleList:
-    """The up blocks' resnets: each takes the running features concatenated with one skip.
+def _up_resnets(config: UNetConfig, index: int, dtype: str) -> nn.ModuleList:
+    """up_blocks.index's resnets, one more than its down level has: each takes the running
+    features concatenated with one skip.
 
-    The skips come back in reverse: the last resnet gets the skip from the previous (finer) down
-    level, hence `in_channels` for it and `out_channels` for the others.
+    The up path reads the down levels backwards: up_blocks.index mirrors down level n - 1 - index
+    and starts from the previous up block's output. The skips come back in reverse: the last resnet
+    gets the skip from the previous (finer) down level, hence that level's channels for it and the
+    block's own for the others.
     """
+    rev = config.block_out_channels[::-1]
+    prev_output_channel, out_channels = rev[max(index - 1, 0)], rev[index]
+    in_channels = rev[min(index + 1, config.num_blocks - 1)]
+    num_layers = config.layers[::-1][index] + 1
     resnets = []
     for i in range(num_layers):
         res_skip_channels = in_channels if i == num_layers - 1 else out_channels
         resnet_in_channels = prev_output_channel if i == 0 else out_channels
-        resnets.append(ResnetBlock2D(resnet_in_channels + res_skip_channels, out_channels, temb_channels,
-                                     groups, eps, dtype=dtype))
+        resnets.append(_resnet(config, resnet_in_channels + res_skip_channels, out_channels, dtype))
     return nn.ModuleList(resnets)
 
 
 class UpBlock2D(nn.Module):
-    """(concat skip, ResnetBlock2D) x num_layers, then an optional Upsample2D to `upsample_size`."""
+    """up_blocks.index: (concat skip, ResnetBlock2D) x layers, then an Upsample2D to `upsample_size`
+    unless last."""
 
     has_cross_attention = False
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 num_layers: int, groups: int, eps: float, add_upsample: bool, dtype: str = "float32"):
+    def __init__(self, config: UNetConfig, index: int, dtype: str = "float32"):
         super().__init__()
-        self.resnets = _up_resnets(in_channels, prev_output_channel, out_channels, temb_channels, num_layers,
-                                   groups, eps, dtype)
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, dtype)]) if add_upsample else None
+        self.resnets = _up_resnets(config, index, dtype)
+        out_channels = config.block_out_channels[::-1][index]
+        self.upsamplers = (nn.ModuleList([Upsample2D(out_channels, dtype)]) if index < config.num_blocks - 1
+                           else None)
 
     def forward(self, hidden_states: nn.Tensor, res_hidden_states_tuple: tuple, temb: nn.Tensor,
                 upsample_size: tuple[int, int] | None = None) -> nn.Tensor:
@@ -445,24 +446,22 @@ class UpBlock2D(nn.Module):
 
 
 class CrossAttnUpBlock2D(nn.Module):
-    """(concat skip, ResnetBlock2D, Transformer2DModel) x num_layers, then an optional Upsample2D."""
+    """up_blocks.index: (concat skip, ResnetBlock2D, Transformer2DModel) x layers, then an
+    Upsample2D unless last."""
 
     has_cross_attention = True
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 num_layers: int, transformer_layers: int, num_heads: int, cross_attention_dim: int, groups: int,
-                 eps: float, add_upsample: bool, use_linear_projection: bool, only_cross_attention: bool,
-                 upcast_attention: bool, dtype: str = "float32"):
+    def __init__(self, config: UNetConfig, index: int, dtype: str = "float32"):
         super().__init__()
-        self.resnets = _up_resnets(in_channels, prev_output_channel, out_channels, temb_channels, num_layers,
-                                   groups, eps, dtype)
+        self.resnets = _up_resnets(config, index, dtype)
+        level = config.num_blocks - 1 - index  # the down level this block mirrors
+        out_channels = config.block_out_channels[level]
         self.attentions = nn.ModuleList([
-            Transformer2DModel(num_heads, out_channels // num_heads, out_channels, transformer_layers,
-                               cross_attention_dim, groups, use_linear_projection, only_cross_attention,
-                               upcast_attention, dtype)
-            for _ in range(num_layers)
+            _transformer(config, level, out_channels, dtype, config.only_cross[level])
+            for _ in range(len(self.resnets))
         ])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, dtype)]) if add_upsample else None
+        self.upsamplers = (nn.ModuleList([Upsample2D(out_channels, dtype)]) if index < config.num_blocks - 1
+                           else None)
 
     def forward(self, hidden_states: nn.Tensor, res_hidden_states_tuple: tuple, temb: nn.Tensor,
                 encoder_hidden_states: nn.Tensor, upsample_size: tuple[int, int] | None = None,

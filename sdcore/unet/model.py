@@ -32,6 +32,8 @@ from sdcore.unet.blocks import (
 )
 from sdcore.unet.config import UNetConfig
 
+_BLOCKS = {block.__name__: block for block in (CrossAttnDownBlock2D, DownBlock2D, CrossAttnUpBlock2D, UpBlock2D)}
+
 
 class UNet2DConditionModel(nn.Module):
     """diffusers `UNet2DConditionModel` with the SD block pattern; parameter names equal diffusers' keys.
@@ -49,53 +51,19 @@ class UNet2DConditionModel(nn.Module):
         self.tome = tome if tome is not None and tome.enabled else None
         c = config
         channels = c.block_out_channels
-        groups, eps, ted = c.norm_num_groups, c.norm_eps, c.time_embed_dim
 
         self.conv_in = nn.Conv2D(c.in_channels, channels[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2,
                                  dtype=dtype)
         self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
-        self.time_embedding = TimestepEmbedding(channels[0], ted, dtype)
+        self.time_embedding = TimestepEmbedding(channels[0], c.time_embed_dim, dtype)
 
-        down_blocks = []
-        output_channel = channels[0]
-        for i, block_type in enumerate(c.down_block_types):
-            input_channel, output_channel = output_channel, channels[i]
-            add_downsample = i < c.num_blocks - 1
-            if block_type == "CrossAttnDownBlock2D":
-                down_blocks.append(CrossAttnDownBlock2D(
-                    input_channel, output_channel, ted, c.layers[i], c.transformer_layers[i], c.num_heads[i],
-                    c.cross_attention_dims[i], groups, eps, add_downsample, c.downsample_padding,
-                    c.use_linear_projection, c.only_cross[i], c.upcast_attention, dtype))
-            else:
-                down_blocks.append(DownBlock2D(input_channel, output_channel, ted, c.layers[i], groups, eps,
-                                               add_downsample, c.downsample_padding, dtype))
-        self.down_blocks = nn.ModuleList(down_blocks)
+        self.down_blocks = nn.ModuleList([_BLOCKS[block_type](c, i, dtype)
+                                          for i, block_type in enumerate(c.down_block_types)])
+        self.mid_block = UNetMidBlock2DCrossAttn(c, dtype)
+        self.up_blocks = nn.ModuleList([_BLOCKS[block_type](c, i, dtype)
+                                        for i, block_type in enumerate(c.up_block_types)])
 
-        self.mid_block = UNetMidBlock2DCrossAttn(
-            channels[-1], ted, c.transformer_layers[-1], c.num_heads[-1], c.cross_attention_dims[-1], groups, eps,
-            c.mid_block_scale_factor, c.use_linear_projection, c.upcast_attention, dtype)
-
-        up_blocks = []
-        # the up path reads the per-block lists backwards
-        rev_channels, rev_layers, rev_heads = channels[::-1], c.layers[::-1], c.num_heads[::-1]
-        rev_tlayers, rev_cross, rev_only_cross = (c.transformer_layers[::-1], c.cross_attention_dims[::-1],
-                                                  c.only_cross[::-1])
-        output_channel = rev_channels[0]
-        for i, block_type in enumerate(c.up_block_types):
-            prev_output_channel, output_channel = output_channel, rev_channels[i]
-            input_channel = rev_channels[min(i + 1, c.num_blocks - 1)]
-            add_upsample = i < c.num_blocks - 1
-            if block_type == "CrossAttnUpBlock2D":
-                up_blocks.append(CrossAttnUpBlock2D(
-                    input_channel, prev_output_channel, output_channel, ted, rev_layers[i] + 1, rev_tlayers[i],
-                    rev_heads[i], rev_cross[i], groups, eps, add_upsample, c.use_linear_projection,
-                    rev_only_cross[i], c.upcast_attention, dtype))
-            else:
-                up_blocks.append(UpBlock2D(input_channel, prev_output_channel, output_channel, ted,
-                                           rev_layers[i] + 1, groups, eps, add_upsample, dtype))
-        self.up_blocks = nn.ModuleList(up_blocks)
-
-        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps, dtype=dtype)
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps, dtype=dtype)
         # conv_act is SiLU: no weights
         self.conv_out = nn.Conv2D(channels[0], c.out_channels, c.conv_out_kernel,
                                   padding=(c.conv_out_kernel - 1) // 2, dtype=dtype)

@@ -7,79 +7,40 @@ downsampling.py `Downsample2D`, upsampling.py `Upsample2D`, attention_processor.
 
 The VAE builds every block with output_scale_factor = rescale_output_factor = 1, so the divisions
 diffusers applies after each residual sum are the identity and are left out. All GroupNorms use
-eps 1e-6 and the config's norm_num_groups, through the `GroupNorm` below rather than TVM's.
+eps 1e-6 and the config's norm_num_groups, through sdcore.layers.GroupNorm (accurate statistics)
+rather than TVM's.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from sdcore.ops import Conv2D, attention, cpu_kernels
-from sdcore.schedule.groupnorm import LANES as GROUP_NORM_LANES
-from sdcore.schedule.groupnorm import group_norm_kernel
-from sdcore.unet.blocks import Downsample2D
+from sdcore.layers import Downsample2D, GroupNorm, attention
+
+if TYPE_CHECKING:
+    from sdcore.vae.config import VAEConfig
 
 GROUP_NORM_EPS = 1e-6
-
-
-class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm over [B, C, H, W] (same `weight`/`bias`), with accurate float32 statistics.
-
-    TVM's group_norm sums each group in one serial float32 pass: at the VAE's 512x512 stages (up
-    to 1M values per group) its output is off by ~6e-4 relative, which the decoder then amplifies.
-    Here each row of W values is summed first, then the row sums, and the variance is taken about
-    the mean (two passes): ~1e-7 relative, like PyTorch. Half-precision inputs are upcast.
-    """
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float, dtype: str):
-        self.num_groups = num_groups
-        self.eps = eps
-        self.weight = nn.Parameter((num_channels,), dtype)
-        self.bias = nn.Parameter((num_channels,), dtype)
-
-    def forward(self, x: nn.Tensor, silu: bool = False) -> nn.Tensor:
-        """The norm, then SiLU when `silu`: float32 with static shapes and rows a multiple of 16
-        wide is one fused CPU kernel (sdcore/schedule/groupnorm.py) on the CPU, the rest this graph."""
-        b, c, h, w = x.shape
-        g = self.num_groups
-        n = (c // g) * h * w
-        dtype = x.dtype
-        if (cpu_kernels() and dtype == "float32" and all(isinstance(v, int) for v in (b, c, h, w))
-                and w % GROUP_NORM_LANES == 0):
-            func = group_norm_kernel(b, c, h, w, g, self.eps, silu)
-            return op.tensor_ir_op(func, "group_norm", [x, self.weight, self.bias],
-                                   out=nn.Tensor.placeholder((b, c, h, w), "float32"))
-        if dtype != "float32":
-            x = x.astype("float32")
-        # The channels of a group are contiguous: [B, C, H, W] -> [B, G, C/G * H, W].
-        grouped = op.reshape(x, (b, g, (c // g) * h, w))
-        mean = op.sum(op.sum(grouped, axis=3), axis=2) * (1.0 / n)  # [B, G]
-        centered = grouped - op.reshape(mean, (b, g, 1, 1))  # [B, G, C/G * H, W]
-        var = op.sum(op.sum(centered * centered, axis=3), axis=2) * (1.0 / n)  # [B, G]
-        inv_std = op.divide(op.ones((b, g), "float32"), op.sqrt(var + self.eps))  # [B, G]
-        normed = op.reshape(centered * op.reshape(inv_std, (b, g, 1, 1)), (b, c, h, w))  # [B, C, H, W]
-        if dtype != "float32":
-            normed = normed.astype(dtype)
-        out = normed * op.reshape(self.weight, (c, 1, 1)) + op.reshape(self.bias, (c, 1, 1))
-        return op.silu(out) if silu else out
 
 
 class ResnetBlock2D(nn.Module):
     """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), with a 1x1 conv_shortcut on x when channels change."""
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int, dtype: str):
+    def __init__(self, *, in_channels: int, out_channels: int, groups: int, dtype: str = "float32"):
         self.norm1 = GroupNorm(groups, in_channels, GROUP_NORM_EPS, dtype)
-        self.conv1 = Conv2D(in_channels, out_channels, 3, padding=1, dtype=dtype)
+        self.conv1 = nn.Conv2D(in_channels, out_channels, 3, padding=1, dtype=dtype)
         self.norm2 = GroupNorm(groups, out_channels, GROUP_NORM_EPS, dtype)
         # dropout: no weights (identity at inference).
-        self.conv2 = Conv2D(out_channels, out_channels, 3, padding=1, dtype=dtype)
+        self.conv2 = nn.Conv2D(out_channels, out_channels, 3, padding=1, dtype=dtype)
         self.conv_shortcut = (nn.Conv2D(in_channels, out_channels, 1, dtype=dtype)
                               if in_channels != out_channels else None)
 
     def forward(self, input_tensor: nn.Tensor) -> nn.Tensor:
-        hidden_states = self.conv1(self.norm1(input_tensor, silu=True))
-        hidden_states = self.conv2(self.norm2(hidden_states, silu=True))
+        hidden_states = self.conv1(op.silu(self.norm1(input_tensor)))
+        hidden_states = self.conv2(op.silu(self.norm2(hidden_states)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
         return input_tensor + hidden_states
@@ -88,8 +49,8 @@ class ResnetBlock2D(nn.Module):
 class Upsample2D(nn.Module):
     """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
 
-    def __init__(self, channels: int, dtype: str):
-        self.conv = Conv2D(channels, channels, 3, padding=1, dtype=dtype)
+    def __init__(self, channels: int, dtype: str = "float32"):
+        self.conv = nn.Conv2D(channels, channels, 3, padding=1, dtype=dtype)
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
         b, c, h, w = hidden_states.shape
@@ -107,7 +68,7 @@ class Attention(nn.Module):
     channels, i.e. one head of dimension C (scale 1/sqrt(C)); upcast_softmax=True.
     """
 
-    def __init__(self, channels: int, groups: int, dtype: str):
+    def __init__(self, *, channels: int, groups: int, dtype: str = "float32"):
         self.group_norm = GroupNorm(groups, channels, GROUP_NORM_EPS, dtype)
         self.to_q = nn.Linear(channels, channels, dtype=dtype)
         self.to_k = nn.Linear(channels, channels, dtype=dtype)
@@ -132,12 +93,16 @@ class Attention(nn.Module):
 
 
 class UNetMidBlock2D(nn.Module):
-    """resnets.0, then (attentions.0 if add_attention), then resnets.1; channels unchanged."""
+    """resnets.0, then attentions.0 (unless mid_block_add_attention is off), then resnets.1, at the
+    deepest level's channels (the encoder's last, the decoder's first)."""
 
-    def __init__(self, channels: int, groups: int, add_attention: bool, dtype: str):
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, dtype) for _ in range(2)])
+    def __init__(self, config: VAEConfig, dtype: str = "float32"):
+        channels, groups = config.block_out_channels[-1], config.norm_num_groups
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels=channels, out_channels=channels, groups=groups,
+                                                    dtype=dtype) for _ in range(2)])
         # mid_block_add_attention=False: diffusers keeps [None] here, which holds no weights either.
-        self.attentions = nn.ModuleList([Attention(channels, groups, dtype)] if add_attention else [])
+        self.attentions = nn.ModuleList([Attention(channels=channels, groups=groups, dtype=dtype)]
+                                        if config.mid_block_add_attention else [])
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
         hidden_states = self.resnets[0](hidden_states)
@@ -146,17 +111,25 @@ class UNetMidBlock2D(nn.Module):
         return self.resnets[1](hidden_states)
 
 
-class DownEncoderBlock2D(nn.Module):
-    """num_layers resnets (the first one changes the channels), then a Downsample2D unless last."""
+def _resnets(config: VAEConfig, in_channels: int, out_channels: int, num_layers: int, dtype: str) -> nn.ModuleList:
+    """num_layers resnets, the first one changing the channels."""
+    return nn.ModuleList([
+        ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels,
+                      groups=config.norm_num_groups, dtype=dtype)
+        for i in range(num_layers)
+    ])
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int,
-                 add_downsample: bool, dtype: str):
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, dtype)
-            for i in range(num_layers)
-        ])
-        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, padding=0, dtype=dtype)]) if add_downsample
-                             else None)
+
+class DownEncoderBlock2D(nn.Module):
+    """encoder.down_blocks.index: layers_per_block resnets from the previous block's channels, then
+    a Downsample2D unless last."""
+
+    def __init__(self, config: VAEConfig, index: int, dtype: str = "float32"):
+        channels = config.block_out_channels
+        out_channels = channels[index]
+        self.resnets = _resnets(config, channels[max(index - 1, 0)], out_channels, config.layers_per_block, dtype)
+        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, padding=0, dtype=dtype)])
+                             if index < len(channels) - 1 else None)
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
         for resnet in self.resnets:
@@ -167,15 +140,16 @@ class DownEncoderBlock2D(nn.Module):
 
 
 class UpDecoderBlock2D(nn.Module):
-    """num_layers resnets (the first one changes the channels), then an Upsample2D unless last."""
+    """decoder.up_blocks.index: the channels read backwards, one more resnet than the encoder's
+    blocks (as diffusers' Decoder), then an Upsample2D unless last."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int,
-                 add_upsample: bool, dtype: str):
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, dtype)
-            for i in range(num_layers)
-        ])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, dtype)]) if add_upsample else None
+    def __init__(self, config: VAEConfig, index: int, dtype: str = "float32"):
+        reversed_channels = config.block_out_channels[::-1]
+        out_channels = reversed_channels[index]
+        self.resnets = _resnets(config, reversed_channels[max(index - 1, 0)], out_channels,
+                                config.layers_per_block + 1, dtype)
+        self.upsamplers = (nn.ModuleList([Upsample2D(out_channels, dtype)]) if index < len(reversed_channels) - 1
+                           else None)
 
     def forward(self, hidden_states: nn.Tensor) -> nn.Tensor:
         for resnet in self.resnets:

@@ -34,17 +34,10 @@ class Encoder(nn.Module):
 
     def __init__(self, config: VAEConfig, dtype: str):
         channels = config.block_out_channels
-        groups = config.norm_num_groups
         self.conv_in = nn.Conv2D(config.in_channels, channels[0], 3, padding=1, dtype=dtype)
-        blocks = []
-        for i, out_channels in enumerate(channels):
-            in_channels = channels[max(i - 1, 0)]
-            is_final_block = i == len(channels) - 1
-            blocks.append(DownEncoderBlock2D(in_channels, out_channels, config.layers_per_block, groups,
-                                             add_downsample=not is_final_block, dtype=dtype))
-        self.down_blocks = nn.ModuleList(blocks)
-        self.mid_block = UNetMidBlock2D(channels[-1], groups, config.mid_block_add_attention, dtype)
-        self.conv_norm_out = GroupNorm(groups, channels[-1], GROUP_NORM_EPS, dtype)
+        self.down_blocks = nn.ModuleList([DownEncoderBlock2D(config, i, dtype) for i in range(len(channels))])
+        self.mid_block = UNetMidBlock2D(config, dtype)
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[-1], GROUP_NORM_EPS, dtype)
         # conv_act is SiLU: no weights. double_z: mean and logvar channels.
         self.conv_out = nn.Conv2D(channels[-1], 2 * config.latent_channels, 3, padding=1, dtype=dtype)
 
@@ -60,19 +53,11 @@ class Decoder(nn.Module):
     """Latents [B, latent_channels, h, w] -> image [B, out_channels, h * f, w * f]."""
 
     def __init__(self, config: VAEConfig, dtype: str):
-        reversed_channels = tuple(reversed(config.block_out_channels))
-        groups = config.norm_num_groups
+        reversed_channels = config.block_out_channels[::-1]
         self.conv_in = nn.Conv2D(config.latent_channels, reversed_channels[0], 3, padding=1, dtype=dtype)
-        self.mid_block = UNetMidBlock2D(reversed_channels[0], groups, config.mid_block_add_attention, dtype)
-        blocks = []
-        for i, out_channels in enumerate(reversed_channels):
-            prev_output_channel = reversed_channels[max(i - 1, 0)]
-            is_final_block = i == len(reversed_channels) - 1
-            # One more resnet per block than the encoder, as in diffusers' Decoder.
-            blocks.append(UpDecoderBlock2D(prev_output_channel, out_channels, config.layers_per_block + 1, groups,
-                                           add_upsample=not is_final_block, dtype=dtype))
-        self.up_blocks = nn.ModuleList(blocks)
-        self.conv_norm_out = GroupNorm(groups, reversed_channels[-1], GROUP_NORM_EPS, dtype)
+        self.mid_block = UNetMidBlock2D(config, dtype)
+        self.up_blocks = nn.ModuleList([UpDecoderBlock2D(config, i, dtype) for i in range(len(reversed_channels))])
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, reversed_channels[-1], GROUP_NORM_EPS, dtype)
         # conv_act is SiLU: no weights.
         self.conv_out = nn.Conv2D(reversed_channels[-1], config.out_channels, 3, padding=1, dtype=dtype)
 
