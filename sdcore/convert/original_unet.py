@@ -121,7 +121,7 @@ def infer_unet_layout(unet: Mapping[str, np.ndarray], prefix: str) -> tuple[UNet
     )
 
     # The attention settings are read from the mid-block transformer; every other attention block is
-    # then held to the same shapes by the parameter table.
+    # then held to the same shapes by the check against sdcore's model for the config.
     if indices(unet, "middle_block.") != [0, 1, 2] or "middle_block.1.proj_in.weight" not in unet:
         raise SdcoreError(
             f"UNet: {prefix}middle_block must be resnet, attention, resnet (missing "
