@@ -72,7 +72,9 @@ CLIP_SHAPE_VARIANTS = {
     "num_hidden_layers": 3,
     "max_position_embeddings": 24,
 }
-_VAE_VARIANT_EXTRAS = {"down_block_types": dict(up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16))}
+_VAE_VARIANT_EXTRAS = {
+    "down_block_types": dict(up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16)),
+}
 
 # Honoured fields that change values, not shapes -> where sdcore reads them, and the parity test that
 # compares sdcore with the reference for a non-default value.

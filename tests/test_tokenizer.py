@@ -24,8 +24,7 @@ import regex
 from sdcore.errors import SdcoreError
 from sdcore.testing.prompt_corpus import CORPUS, GOLDEN, ids_digest, make_corpus, read_corpus
 from sdcore.tokenizer import CLIPTokenizer, write_vocab_files
-from sdcore.tokenizer.clip_tokenizer import NUM_MERGES, _FTFY_NOOP
-
+from sdcore.tokenizer.clip_tokenizer import _FTFY_NOOP, NUM_MERGES
 
 SETTINGS = {"sd1": "<|endoftext|>", "sd2": "!"}
 MAX_REPORTED = 5  # mismatching prompts shown in a failure message
@@ -215,7 +214,8 @@ def test_from_dir_special_tokens_map_wins(tmp_path, folders):
     eos = {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False,
            "single_word": False}
     config = {"add_prefix_space": False, "bos_token": {**eos, "content": "<|startoftext|>"}, "do_lower_case": True,
-              "eos_token": eos, "errors": "replace", "model_max_length": 77, "name_or_path": "openai/clip-vit-large-patch14",
+              "eos_token": eos, "errors": "replace", "model_max_length": 77,
+              "name_or_path": "openai/clip-vit-large-patch14",
               "pad_token": "<|endoftext|>", "special_tokens_map_file": "./special_tokens_map.json",
               "tokenizer_class": "CLIPTokenizer", "unk_token": eos}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))

@@ -50,7 +50,8 @@ def main() -> None:
     impls["sdcore"] = make_sdcore
     try:
         import transformers
-        from transformers import CLIPTokenizer as HFTokenizer, CLIPTokenizerFast
+        from transformers import CLIPTokenizer as HFTokenizer
+        from transformers import CLIPTokenizerFast
     except ImportError:
         transformers = None
     if transformers is not None:

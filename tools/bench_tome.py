@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from benchmark import _median_alternating, write_report  # tools/benchmark.py: this script's folder is on sys.path
 
 START, END = "<!-- tome:start -->", "<!-- tome:end -->"
@@ -46,9 +45,9 @@ def main(argv=None) -> int:
     import tomesd
     import torch
 
-    from sdcore.testing.checkpoints import write_diffusers
     from sdcore.convert import convert
     from sdcore.pipeline import StableDiffusion
+    from sdcore.testing.checkpoints import write_diffusers
     from sdcore.tome import ToMeConfig
 
     torch.set_num_threads(args.threads)

@@ -29,7 +29,13 @@ import time
 from pathlib import Path
 
 from benchmark import (  # tools/benchmark.py: this script's folder is on sys.path
-    CONFIGS, _median_alternating, _state, run_txt2img_children, txt2img_cells, write_report)
+    CONFIGS,
+    _median_alternating,
+    _state,
+    run_txt2img_children,
+    txt2img_cells,
+    write_report,
+)
 
 ALL_ROWS = ("unet", "vae", "text", "txt2img", "compile")
 
@@ -78,8 +84,8 @@ def bench_networks(preset_name: str, size: int, rows, runs: int, cache_dir: str,
 
     from sdcore.parity import compare
     from sdcore.presets import preset
-    from sdcore.tome import ToMeConfig
     from sdcore.testing.checkpoints import build_models
+    from sdcore.tome import ToMeConfig
 
     p = preset(preset_name)
     _, unet_t, vae_t, text_t = build_models(preset_name, False, seed=0)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import sdcore
-from sdcore.errors import SdcoreError, UsageError
 from sdcore import weights
+from sdcore.errors import SdcoreError, UsageError
 from sdcore.hashing import sha256_files
 
 SUPPORTED_DTYPES = ("float32", "float16")

@@ -26,9 +26,9 @@ from typing import Mapping
 
 import numpy as np
 
+from sdcore import weights
 from sdcore.convert import original_clip, original_unet, original_vae
 from sdcore.convert.original_common import check_converted, convert_by_table
-from sdcore import weights
 from sdcore.errors import SdcoreError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -137,7 +137,8 @@ def _convert_unet(tensors, family, notes) -> tuple[dict, dict]:
     state = check_converted("unet", converted, cfg, table, UNET_PREFIX)
     projection = "linear proj_in/proj_out" if cfg["use_linear_projection"] else "1x1-conv proj_in/proj_out"
     heads = (f"{cfg['attention_head_dim']} heads per attention (SD1.x convention)" if family == "sd1"
-             else f"attention_head_dim {cfg['attention_head_dim']} ({original_unet.SD2_HEAD_CHANNELS}-wide heads, SD2.x)")
+             else f"attention_head_dim {cfg['attention_head_dim']} "
+                  f"({original_unet.SD2_HEAD_CHANNELS}-wide heads, SD2.x)")
     notes.append(
         f"UNet: block_out_channels {tuple(cfg['block_out_channels'])}, layers_per_block {cfg['layers_per_block']}, "
         f"cross_attention_dim {cfg['cross_attention_dim']}, {projection}, {heads}."
@@ -179,7 +180,8 @@ def _convert_text_encoder(state, family, ignored, notes) -> tuple[dict, dict]:
         n_blocks, sizes = original_clip.read_open_clip(tensors, OPENCLIP_PREFIX)
         last = f"transformer.resblocks.{n_blocks - 1}."
         for k in [k for k in tensors if k.startswith(last)]:
-            ignored[OPENCLIP_PREFIX + k] = f"last OpenCLIP resblock ({OPENCLIP_PREFIX}{last}*; SD2.x uses the penultimate)"
+            ignored[OPENCLIP_PREFIX + k] = (f"last OpenCLIP resblock ({OPENCLIP_PREFIX}{last}*; "
+                                            "SD2.x uses the penultimate)")
             del tensors[k]
         cfg = original_clip.text_encoder_config(family, sizes)
         table = original_clip.open_clip_table(sizes["num_hidden_layers"])
@@ -206,7 +208,8 @@ def split_original(state_dict: dict[str, np.ndarray], *, use_ema: bool | None = 
     keys = list(state_dict)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise SdcoreError(
-            f"no {UNET_PREFIX}* keys: not a Stable Diffusion 1.x/2.x checkpoint (found keys like {_example_keys(keys)})."
+            f"no {UNET_PREFIX}* keys: not a Stable Diffusion 1.x/2.x checkpoint (found keys like "
+            f"{_example_keys(keys)})."
         )
     if not any(k.startswith(VAE_PREFIX) for k in keys):
         raise SdcoreError(
@@ -253,7 +256,8 @@ def split_original(state_dict: dict[str, np.ndarray], *, use_ema: bool | None = 
         )
     inpainting = unet_cfg["in_channels"] == 2 * latent + 1
     if inpainting:
-        notes.append(f"inpainting UNet: conv_in takes {unet_cfg['in_channels']} channels (latents, mask, masked image).")
+        notes.append(f"inpainting UNet: conv_in takes {unet_cfg['in_channels']} channels "
+                     "(latents, mask, masked image).")
     if text_cfg["hidden_size"] != unet_cfg["cross_attention_dim"]:
         raise SdcoreError(
             f"text encoder width {text_cfg['hidden_size']} does not match the UNet's cross_attention_dim "

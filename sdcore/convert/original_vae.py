@@ -45,11 +45,13 @@ def vae_table(n_levels: int, layers_per_block: int) -> list[ModuleRename]:
             rows.append(ModuleRename(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
                                      RESNET_RENAMES))
         if i < n_levels - 1:
-            rows.append(ModuleRename(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"))
+            rows.append(ModuleRename(f"encoder.down.{i}.downsample.conv",
+                                     f"encoder.down_blocks.{i}.downsamplers.0.conv"))
         # decoder.up[i] works at the resolution of encoder.down[i]: diffusers counts from the bottom.
         up = n_levels - 1 - i
         for j in range(layers_per_block + 1):
-            rows.append(ModuleRename(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", RESNET_RENAMES))
+            rows.append(ModuleRename(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}",
+                                     RESNET_RENAMES))
         if i > 0:
             rows.append(ModuleRename(f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
     return rows

@@ -1,10 +1,11 @@
 """Write diffusers/transformers models in the original single-file (CompVis / Stability) layout.
 
 Test-side only (tests/parity/test_convert_original.py, sdcore.testing.checkpoints): the inverse of
-sdcore/convert/original*.py, written separately and from the original module trees (ldm `openaimodel.py` UNetModel, ldm `model.py` Encoder/Decoder, transformers
-CLIPTextModel as wrapped by FrozenCLIPEmbedder, open_clip's text Transformer as wrapped by
-FrozenOpenCLIPEmbedder). test_convert_original.py checks that diffusers' own single-file conversion
-reads these dicts back into the models they came from, which shows they look like real checkpoints.
+sdcore/convert/original*.py, written separately and from the original module trees (ldm
+`openaimodel.py` UNetModel, ldm `model.py` Encoder/Decoder, transformers CLIPTextModel as wrapped by
+FrozenCLIPEmbedder, open_clip's text Transformer as wrapped by FrozenOpenCLIPEmbedder).
+test_convert_original.py checks that diffusers' own single-file conversion reads these dicts back
+into the models they came from, which shows they look like real checkpoints.
 Works on torch tensors (meta tensors included: nothing here reads values); torch is imported by the
 functions that make tensors, so importing this module needs no torch.
 """

@@ -24,9 +24,9 @@ from diffusers.loaders import single_file_utils as diffusers_single_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdcore.convert.original import split_original
+from sdcore.errors import SdcoreError
 from sdcore.presets import preset
 from sdcore.testing import original_format as fmt
-from sdcore.errors import SdcoreError
 
 # Tiny configs. SD1.x: conv proj_in, 8 heads, 3 levels; SD2.x: linear proj_in, 64-wide heads,
 # upcast attention. sample_size is what split_original assumes (the weights cannot say).
@@ -47,7 +47,8 @@ TINY_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
 )
 TINY_TEXT = {
-    "sd1": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu"),
+    "sd1": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                hidden_act="quick_gelu"),
     "sd2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, hidden_act="gelu"),
 }
 TINY_TEXT_COMMON = dict(vocab_size=1000, max_position_embeddings=77, pad_token_id=1, bos_token_id=0, eos_token_id=2)
@@ -312,7 +313,8 @@ BAD_INPUTS = {
     "truncated-middle-input-block": (dict(drop=["model.diffusion_model.input_blocks.4."]),
                                      r"input_blocks 4 is missing.*truncated"),
     "missing-one-tensor": (dict(drop=["model.diffusion_model.output_blocks.3.1.proj_out.bias"]),
-                           r"UNet is missing 1 tensor\(s\), first model\.diffusion_model\.output_blocks\.3\.1\.proj_out\.bias"),
+                           r"UNet is missing 1 tensor\(s\), "
+                           r"first model\.diffusion_model\.output_blocks\.3\.1\.proj_out\.bias"),
     "truncated-vae-decoder": (dict(drop=["first_stage_model.decoder.up.2."]), r"VAE is missing .*decoder\.up\.2\."),
     "truncated-text-layers": (dict(drop=["cond_stage_model.transformer.text_model.encoder.layers.0."]),
                               r"encoder layers 0 is missing"),
