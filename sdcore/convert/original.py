@@ -195,17 +195,9 @@ def _convert_text_encoder(state, family, ignored, notes) -> tuple[dict, dict]:
     return check_converted("text_encoder", converted, cfg, table, prefix), cfg
 
 
-def split_original(state_dict: dict[str, np.ndarray], *, use_ema: bool | None = None) -> OriginalSplit:
-    """Split an original-format SD1.x/SD2.x state dict into diffusers-named components and configs.
-
-    `use_ema`: None takes the EMA copy of the UNet (`model_ema.*`) when a complete one is present,
-    True requires it, False takes the live weights. Raises SdcoreError (one line) for anything that
-    is not a complete SD1.x/SD2.x checkpoint: a missing component, an unknown key, a wrong shape.
-    """
-    for key, value in state_dict.items():
-        if not isinstance(value, np.ndarray):
-            raise SdcoreError(f"checkpoint tensor {key} is a {type(value).__name__}, not a NumPy array.")
-    keys = list(state_dict)
+def _family(keys: list[str]) -> str:
+    """The family ("sd1" or "sd2") from the text encoder the checkpoint holds; one clear line when it is
+    not an SD1.x/SD2.x checkpoint (no UNet, no VAE, no or both text encoders)."""
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise SdcoreError(
             f"no {UNET_PREFIX}* keys: not a Stable Diffusion 1.x/2.x checkpoint (found keys like "
@@ -225,7 +217,21 @@ def split_original(state_dict: dict[str, np.ndarray], *, use_ema: bool | None = 
             f"keys: not a Stable Diffusion 1.x/2.x checkpoint (other keys like "
             f"{_example_keys(k for k in keys if not k.startswith((UNET_PREFIX, VAE_PREFIX)))})."
         )
-    family = "sd1" if has_clip else "sd2"
+    return "sd1" if has_clip else "sd2"
+
+
+def split_original(state_dict: dict[str, np.ndarray], *, use_ema: bool | None = None) -> OriginalSplit:
+    """Split an original-format SD1.x/SD2.x state dict into diffusers-named components and configs.
+
+    `use_ema`: None takes the EMA copy of the UNet (`model_ema.*`) when a complete one is present,
+    True requires it, False takes the live weights. Raises SdcoreError (one line) for anything that
+    is not a complete SD1.x/SD2.x checkpoint: a missing component, an unknown key, a wrong shape.
+    """
+    for key, value in state_dict.items():
+        if not isinstance(value, np.ndarray):
+            raise SdcoreError(f"checkpoint tensor {key} is a {type(value).__name__}, not a NumPy array.")
+    keys = list(state_dict)
+    family = _family(keys)
 
     ignored: dict[str, str] = {}  # key -> the rule that leaves it out
     for key in keys:
