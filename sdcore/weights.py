@@ -1,10 +1,12 @@
 """Strict weight loading for the sdcore model directory (docs/model-format.md).
 
 Weight names in a converted directory are diffusers'/transformers' names, and sdcore's modules
-mirror them, so loading is a loop that checks names and shapes. The renames from original
-(CompVis/Stability) checkpoints happen once, at conversion (sdcore/convert/original.py); the only
-exceptions at load time are the buffers below, which the reference libraries save but which are
-not parameters.
+mirror them, so loading is a loop that checks names and shapes (`check_state_dict`, against the
+module built from the config: `expected_shapes`). The few names diffusers/transformers files carry
+that are not sdcore's parameter names are the table below (`TEXT_MODEL_LEVEL`,
+`LEGACY_VAE_ATTENTION`, `IGNORED_KEYS`); the renames of original (CompVis/Stability) checkpoints,
+a different layout altogether, are the tables of sdcore/convert/original_*.py, applied once at
+conversion.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ COMPONENTS = {
     "unet": ("sdcore.unet", "UNetConfig", "UNet2DConditionModel", "diffusion_pytorch_model"),
     "vae": ("sdcore.vae", "VAEConfig", "AutoencoderKL", "diffusion_pytorch_model"),
 }
+
+# ---- The exceptions to identical names, all of them
 
 # The level transformers 4.x and the published SD checkpoints put above CLIPTextModel's names, which
 # sdcore's names keep; transformers 5 saves and loads the model without it.
