@@ -242,3 +242,14 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     _assert_one_line_error(code, err, 2)
     code, _, err = _run(["convert", tmp_path / "missing.ckpt", "--output", tmp_path / "o"], capsys)
     _assert_one_line_error(code, err, 1, "does not exist")
+
+
+def test_shared_helpers_import_without_torch():
+    """sdcore.testing (used by tests and tools) imports the reference libraries only when called."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sdcore.testing.checkpoints, sdcore.testing.original_format, sdcore.testing.prompt_corpus, "
+            "sdcore.convert; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
