@@ -85,8 +85,8 @@ class GroupNorm(nn.Module):
         dtype = x.dtype
         if dtype != "float32":
             x = x.astype("float32")
-        # The channels of a group are contiguous: [B, C, H, W] -> [B, G, C/G * H, W].
-        grouped = op.reshape(x, (b, g, (c // g) * h, w))
+        # The channels of a group are contiguous.
+        grouped = op.reshape(x, (b, g, (c // g) * h, w))  # [B, G, C/G * H, W]
         mean = op.sum(op.sum(grouped, axis=3), axis=2) * (1.0 / n)  # [B, G]
         centered = grouped - op.reshape(mean, (b, g, 1, 1))  # [B, G, C/G * H, W]
         var = op.sum(op.sum(centered * centered, axis=3), axis=2) * (1.0 / n)  # [B, G]

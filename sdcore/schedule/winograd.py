@@ -76,9 +76,9 @@ def gemm(v, weight, coef):
     the conv weight [K, C, 3, 3] and `u_coefficients()`. U = G g Gᵀ is computed in the same kernel:
     sdcore's Matmul rule computes each task's K panel of U from the weight where a Linear's weight
     panel is copied, so U (16/9 of the weight) is never stored, and the weight is not transposed at
-    load time either (the transposed copies of SD1.5's conv weights, next to the originals while
-    the load-time transform ran, raised the load's memory peak by ~1.1 GB). The coefficients are an
-    input, not constants selected by p: a select chain per value made the panels cost 60% of the GEMM.
+    load time either (the transposed copies would sit next to the originals while the load-time
+    transform runs). The coefficients are an input, not constants selected by p: a select chain per
+    value is slow in the panels. Figures: docs/performance.md, "Winograd".
     """
     from tvm import te
 

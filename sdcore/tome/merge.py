@@ -133,11 +133,12 @@ def bipartite_soft_matching_random2d(
     pos_by_edge = dst_idx + n_unm  # [B, Ns], in edge_idx order
     if n_unm:
         pos_by_edge = op.concat([pos_by_edge, op.broadcast_to(
-            op.reshape(op.arange(0, n_unm, dtype="int32"), (1, n_unm)), (batch, n_unm))], dim=1)
+            op.reshape(op.arange(0, n_unm, dtype="int32"), (1, n_unm)), (batch, n_unm))], dim=1)  # [B, Ns]
     src_pos = _scatter(op.zeros((batch, num_src), "int32"), edge_idx, pos_by_edge, "update",
                        "tome_src_pos")  # [B, Ns], in a_idx order
     dst_pos = op.broadcast_to(op.reshape(op.arange(n_unm, n_unm + num_dst, dtype="int32"), (1, num_dst)),
                               (batch, num_dst))  # [B, Nd]
+    # perm [N] -> [1, N] -> [B, N]
     token_pos = _scatter(op.zeros((batch, n), "int32"), op.broadcast_to(op.reshape(perm, (1, n)), (batch, n)),
                          op.concat([dst_pos, src_pos], dim=1), "update", "tome_token_pos")  # [B, N]
 
