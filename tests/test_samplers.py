@@ -49,7 +49,7 @@ from sdcore.sampling import SAMPLER_NAMES, canonical_name, make_sampler  # noqa:
 # AVX-512 Xeon and 1.02e-6 on an AVX2 EPYC (Zen 3), hence 2e-6 (a wrong coefficient is off by >1e-3).
 STEP_RTOL = 2e-6
 # Tables (sigmas, fractional timesteps, init_noise_sigma): diffusers' float32 values, up to the last
-# bit of torch.linspace's vectorised kernel (see sdcore/sampling/schedule.py).
+# bit of torch.linspace's vectorised kernel (see sdcore/sampling/noise_schedule.py).
 TABLE_RTOL = 1e-6
 # alphas_cumprod itself: equal to diffusers' float32 values within a couple of float32 ulps
 ALPHAS_RTOL = 3e-7
@@ -370,7 +370,7 @@ def test_lms_coefficients_are_exact_integrals():
         order = min(i + 1, 4)
         for j in range(order):
 
-            def basis(tau):
+            def basis(tau, i=i, j=j, order=order):  # the Lagrange basis polynomial of this (i, j)
                 prod = 1.0
                 for k in range(order):
                     if k != j:
@@ -472,3 +472,58 @@ def test_img2img_strength_too_small_raises():
 def test_import_does_not_load_torch():
     code = "import sys, sdcore.sampling; sys.exit(any(m in sys.modules for m in ('torch', 'diffusers', 'scipy')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --- the pipeline's denoising loop (sdcore/pipeline/denoise.py), against the loop above ---------
+
+
+@pytest.mark.parametrize("name", ["DDIM", "Euler a", "DPM++ 2M Karras", "DPM++ SDE Karras"])
+def test_denoise_loop_equals_the_sampler_loop(name):
+    """A batch of two, each image with its own sampler and random stream, no guidance: the same
+    latents as run_sdcore per image, bit for bit; the hooks see every step in order."""
+    from sdcore.pipeline.denoise import denoise, randn
+
+    unet, steps, shape = FakeUNet(), 8, (1, *SHAPE[1:])
+    samplers = [make_sampler(name, SD15, steps) for _ in range(2)]
+    n = len(samplers[0].timesteps)
+    x = make_noises(1, seed=6)[0]  # [2, 4, 6, 6]
+    seen = []
+    out = denoise(lambda model_in, _t, i: unet(model_in, samplers[0].timesteps[i]), samplers, x, range(n),
+                  guidance_scale=1.0, rngs=[np.random.Generator(np.random.PCG64(10 + j)) for j in range(2)],
+                  hooks=[lambda i, t, latents: seen.append((i, t, latents.shape))])
+    assert seen == [(i, float(samplers[0].timesteps[i]), SHAPE) for i in range(n)]
+    for j in range(2):
+        rng = np.random.Generator(np.random.PCG64(10 + j))
+        noises = [randn(rng, shape) for _ in range(n)]
+        expected = run_sdcore(make_sampler(name, SD15, steps), x[j : j + 1], unet, noises)[-1]
+        np.testing.assert_array_equal(out[j : j + 1], expected)
+
+
+def test_guidance_runs_the_negative_half_first():
+    from sdcore.pipeline.denoise import predict
+
+    def unet(model_in, t, i):  # the negative half predicts 1, the positive half 3
+        assert model_in.shape[0] == 4 and t.shape == (4,) and t.dtype == np.float32 and i == 5
+        return np.concatenate([np.full((2, 4, 2, 2), 1.0), np.full((2, 4, 2, 2), 3.0)])
+
+    np.testing.assert_array_equal(predict(unet, np.zeros((2, 4, 2, 2)), 500.0, 5, 7.5), 1.0 + 7.5 * (3.0 - 1.0))
+    assert predict(lambda m, t, i: m + 2.0, np.zeros((2, 4, 2, 2)), 500.0, 5, 1.0).max() == 2.0  # no guidance
+
+
+def test_a_hook_can_replace_the_latents_and_is_checked():
+    from sdcore.pipeline.denoise import denoise
+
+    samplers = [make_sampler("DDIM", SD15, 3)]
+    x = np.ones((1, *SHAPE[1:]))
+    rngs = [np.random.Generator(np.random.PCG64(0))]
+    starts = []
+
+    def unet(model_in, t, i):
+        starts.append(float(model_in.max()))
+        return np.zeros_like(model_in)
+
+    denoise(unet, samplers, x, range(3), guidance_scale=1.0, rngs=rngs, hooks=[lambda i, t, x: np.full_like(x, 7.0)])
+    assert starts[1:] == [7.0, 7.0]  # every step after the first starts from what the hook returned
+    samplers[0].reset()
+    with pytest.raises(SdcoreError, match="step hook returned latents of shape"):
+        denoise(unet, samplers, x, range(3), guidance_scale=1.0, rngs=rngs, hooks=[lambda i, t, x: x[:, :2]])

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 from sdcore.sampling.config import SchedulerConfig
-from sdcore.sampling.schedule import strength_start
+from sdcore.sampling.noise_schedule import strength_start
 
 
 def as_f64(x, what: str) -> np.ndarray:
@@ -72,7 +72,7 @@ class Sampler:
 
     def __init__(self, config: SchedulerConfig, steps: int):
         if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= config.num_train_timesteps:
-            raise SdcoreError(
+            raise UsageError(
                 f"steps must be an integer from 1 to num_train_timesteps ({config.num_train_timesteps}), got {steps!r}."
             )
         self.config = config

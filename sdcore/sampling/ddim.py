@@ -12,10 +12,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from sdcore.errors import SdcoreError
+from sdcore.errors import UsageError
 from sdcore.sampling.base import Sampler, as_f64, x0_eps_from_alpha
 from sdcore.sampling.config import SchedulerConfig
-from sdcore.sampling.schedule import alphas_cumprod, spaced_timesteps
+from sdcore.sampling.noise_schedule import alphas_cumprod, spaced_timesteps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class DDIMSampler(Sampler):
     def __init__(self, config: DDIMConfig, steps: int, eta: float = 0.0):
         super().__init__(config, steps)
         if not eta >= 0.0:
-            raise SdcoreError(f"DDIM eta must be >= 0, got {eta}.")
+            raise UsageError(f"DDIM eta must be >= 0, got {eta}.")
         self.eta = float(eta)
         self.needs_noise = self.eta > 0
         self.alphas_cumprod = alphas_cumprod(config).astype(np.float64)

@@ -18,7 +18,7 @@ import numpy as np
 
 from sdcore.sampling.base import Sampler, as_f64
 from sdcore.sampling.config import SchedulerConfig
-from sdcore.sampling.schedule import alphas_cumprod, interp_sigmas, karras_sigmas, sigma_table, sigma_to_t
+from sdcore.sampling.noise_schedule import alphas_cumprod, interp_sigmas, karras_sigmas, sigma_table, sigma_to_t
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from sdcore.errors import SdcoreError
 from sdcore.sampling.base import as_f64, x0_from_sigma
 from sdcore.sampling.config import SchedulerConfig
 from sdcore.sampling.euler import SigmaSampler, init_noise_sigma
-from sdcore.sampling.schedule import (
+from sdcore.sampling.noise_schedule import (
     alphas_cumprod,
     interp_sigmas,
     karras_sigmas,

@@ -15,7 +15,7 @@ import numpy as np
 
 from sdcore.sampling.base import Sampler, as_f64, x0_from_sigma
 from sdcore.sampling.config import SchedulerConfig
-from sdcore.sampling.schedule import (
+from sdcore.sampling.noise_schedule import (
     alphas_cumprod,
     interp_sigmas,
     karras_sigmas,

@@ -16,7 +16,7 @@ import numpy as np
 
 from sdcore.sampling.base import Sampler, as_f64
 from sdcore.sampling.config import SchedulerConfig
-from sdcore.sampling.schedule import alphas_cumprod, spaced_timesteps
+from sdcore.sampling.noise_schedule import alphas_cumprod, spaced_timesteps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from sdcore.errors import SdcoreError
+from sdcore.errors import UsageError
 from sdcore.sampling.base import Sampler
 from sdcore.sampling.ddim import DDIMSampler
 from sdcore.sampling.dpmsolver_multistep import DPMSolverMultistepSampler
@@ -58,9 +58,9 @@ _LOOKUP = {_normalise(n): n for n in SAMPLERS} | _ALIASES
 
 
 def canonical_name(name: str) -> str:
-    """The display name for `name` ("euler_a" -> "Euler a"); SdcoreError listing the known ones."""
+    """The display name for `name` ("euler_a" -> "Euler a"); UsageError listing the known ones."""
     if not isinstance(name, str) or _normalise(name) not in _LOOKUP:
-        raise SdcoreError(f"Unknown sampler {name!r}; known samplers: {', '.join(SAMPLER_NAMES)}.")
+        raise UsageError(f"Unknown sampler {name!r}; known samplers: {', '.join(SAMPLER_NAMES)}.")
     return _LOOKUP[_normalise(name)]
 
 
@@ -84,7 +84,7 @@ def make_sampler(name: str, scheduler_config: dict, steps: int, *, eta: float | 
     name = canonical_name(name)
     cls, overrides = SAMPLERS[name]
     if eta is not None and cls is not DDIMSampler:
-        raise SdcoreError(f"eta applies to DDIM only, not to the {name} sampler.")
+        raise UsageError(f"eta applies to DDIM only, not to the {name} sampler.")
     config = cls.Config.from_dict(scheduler_config, **overrides)
     sampler = copy.copy(_prototype(name, config, steps, None if eta is None else float(eta)))
     sampler.reset()

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 
 
 def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
@@ -128,10 +128,10 @@ def strength_start(steps: int, strength: float) -> int:
     steps), t_start = steps - init_timestep.
     """
     if not 0.0 < strength <= 1.0:
-        raise SdcoreError(f"strength must be in (0, 1], got {strength}.")
+        raise UsageError(f"strength must be in (0, 1], got {strength}.")
     init_timestep = min(int(steps * strength), steps)
     if init_timestep < 1:
-        raise SdcoreError(
+        raise UsageError(
             f"strength {strength} with {steps} steps leaves no denoising step; raise strength or steps."
         )
     return steps - init_timestep
