@@ -65,11 +65,13 @@ def _add_generate(sub, mode: str) -> None:
         p.add_argument("--height", type=int, default=None)
         p.add_argument("--latents", type=Path, help="x_T as a .npy of shape [batch, 4, height/8, width/8]")
     else:
-        p.add_argument("--init-image", type=Path, required=True, help="the image to start from (PNG, JPEG, ...)")
+        p.add_argument("--image", "--init-image", type=Path, required=True,
+                       help="the image to start from (PNG, JPEG, ...); --init-image is the same (A1111's name)")
         p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else 1.0,
                        help="0..1: how much to change; int(strength*steps) steps run")
     if mode == "inpaint":
-        p.add_argument("--mask", type=Path, required=True, help="same size as the init image; white = repaint")
+        p.add_argument("--mask-image", "--mask", type=Path, required=True,
+                       help="same size as --image; white = repaint")
     tome = p.add_argument_group("token merging (ToMe, as tomesd)")
     tome.add_argument("--tome-ratio", type=float, default=0.0,
                       help="fraction of tokens merged in the merging blocks (0 = off; at most 0.75 with 2x2 stride)")
@@ -100,12 +102,9 @@ def _tome_config(args):
     parts = {m.strip() for m in args.tome_merge.split(",") if m.strip()}
     if not parts or parts - {"attn", "crossattn", "mlp"}:
         raise UsageError(f"--tome-merge {args.tome_merge!r}: use a comma list of attn, crossattn, mlp.")
-    try:
-        tome = ToMeConfig(ratio=args.tome_ratio, max_downsample=args.tome_max_downsample, sx=args.tome_stride,
-                          sy=args.tome_stride, use_rand=not args.tome_no_rand, merge_attn="attn" in parts,
-                          merge_crossattn="crossattn" in parts, merge_mlp="mlp" in parts)
-    except SdcoreError as err:
-        raise UsageError(str(err)) from None
+    tome = ToMeConfig(ratio=args.tome_ratio, max_downsample=args.tome_max_downsample, sx=args.tome_stride,
+                      sy=args.tome_stride, use_rand=not args.tome_no_rand, merge_attn="attn" in parts,
+                      merge_crossattn="crossattn" in parts, merge_mlp="mlp" in parts)
     logging.getLogger("sdcore.tome").setLevel(logging.INFO)  # say which blocks merge, once per compile
     return tome
 
@@ -121,7 +120,7 @@ def _run_generate(args) -> int:
     if not args.output.parent.exists():
         raise UsageError(f"the folder of --output ({args.output.parent}) does not exist.")
     tome = _tome_config(args)
-    for attr in ("init_image", "mask"):
+    for attr in ("image", "mask_image"):
         path = getattr(args, attr, None)
         if path is not None and not path.exists():
             raise UsageError(f"--{attr.replace('_', '-')} {path} does not exist.")
@@ -139,9 +138,9 @@ def _run_generate(args) -> int:
     if args.command == "txt2img":
         result = pipe.txt2img(args.prompt, width=args.width, height=args.height, latents=latents, **common)
     elif args.command == "img2img":
-        result = pipe.img2img(args.prompt, args.init_image, strength=args.strength, **common)
+        result = pipe.img2img(args.prompt, args.image, strength=args.strength, **common)
     else:
-        result = pipe.inpaint(args.prompt, args.init_image, args.mask, strength=args.strength, **common)
+        result = pipe.inpaint(args.prompt, args.image, args.mask_image, strength=args.strength, **common)
     for i, (image, params) in enumerate(zip(result.images, result.parameters)):
         path = args.output if len(result.images) == 1 else args.output.with_name(f"{args.output.stem}-{i}.png")
         save_png(image, path, params)
@@ -150,7 +149,7 @@ def _run_generate(args) -> int:
 
 
 def _run_parity(args) -> int:
-    from sdcore.parity_tool import main as parity_main
+    from sdcore.parity import main as parity_main
 
     return parity_main(args.parity_args)
 

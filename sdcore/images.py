@@ -4,7 +4,7 @@ carry their generation parameters in AUTOMATIC1111's `parameters` text chunk, wr
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +71,25 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: dict | None = 
     info = PngImagePlugin.PngInfo()
     if params:
         info.add_text("parameters", infotext(params))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    fd, tmp = _new_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return path
+
+
+def _new_file_beside(path: Path) -> tuple[int, Path]:
+    """A new, uniquely named file in `path`'s folder (so the rename stays on one file system),
+    created with mode 0666 less the umask, as open() would create `path` itself; mkstemp's 0600
+    would carry over to the PNG through the rename."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.stem}-{secrets.token_hex(4)}.png.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise SdcoreError(f"cannot create a temporary file beside {path}: every name tried exists.")

@@ -4,7 +4,9 @@ any compile."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -64,12 +66,15 @@ BAD = {
     "missing output folder": (["txt2img", "--output", "{tmp}/no/x.png"], 2, "does not exist"),
     "latents wrong shape": (["txt2img", "--latents", "{tmp}/lat.npy"], 2, "latents have shape"),
     "missing init image": (["img2img", "--init-image", "{tmp}/none.png"], 2, "does not exist"),
+    "missing image": (["img2img", "--image", "{tmp}/none.png"], 2, "--image"),
+    "missing mask image": (["inpaint", "--image", "{img}/init.png", "--mask-image", "{tmp}/none.png"], 2,
+                           "--mask-image"),
     "strength above 1": (["img2img", "--init-image", "{img}/init.png", "--strength", "1.5"], 2, "strength"),
     "strength zero": (["img2img", "--init-image", "{img}/init.png", "--strength", "0"], 2, "strength"),
     "strength negative": (["img2img", "--init-image", "{img}/init.png", "--strength", "-0.1"], 2, "strength"),
     "mask size mismatch": (["inpaint", "--init-image", "{img}/init.png", "--mask", "{img}/small-mask.png"], 2,
                            "same size"),
-    "missing mask": (["inpaint", "--init-image", "{img}/init.png"], 2, "--mask"),
+    "missing mask": (["inpaint", "--init-image", "{img}/init.png"], 2, "--mask-image"),
     "init image not an image": (["img2img", "--init-image", "{tmp}/lat.npy"], 1, "not a readable image"),
     "txt2img on inpainting model": (["txt2img", "--model", "{inpaint}"], 2, "inpainting model"),
     "unknown option": (["txt2img", "--frobnicate"], 2, "unrecognized"),
@@ -99,6 +104,49 @@ def test_bad_arguments(case, checkpoints, images, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert fragment in lines[0], lines[0]
     assert not (tmp_path / "o.png").exists()
+
+
+def test_inpaint_with_diffusers_flag_names(checkpoints, compile_cache, images, tmp_path, capsys):
+    """--image and --mask-image (diffusers' image= and mask_image=); --init-image/--mask are the same flags."""
+    out = tmp_path / "out.png"
+    code, stdout, err = _run(["inpaint", "--model", checkpoints.converted("tiny-sd1"), "--prompt", "a red circle",
+                              "--image", images / "init.png", "--mask-image", images / "mask.png", "--steps", "2",
+                              "--seed", "3", "--cache-dir", compile_cache, "--no-progress", "--output", out], capsys)
+    assert code == 0, err
+    assert Image.open(out).size == (128, 128)
+    assert "Denoising strength: 1.0" in Image.open(out).text["parameters"]
+
+
+def _with_sample_size(checkpoints, tmp_path, sample_size):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoints.converted("tiny-sd1"), model)
+    path = model / "unet" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), sample_size=sample_size)))
+    return model
+
+
+def test_sample_size_as_height_and_width(checkpoints, compile_cache, tmp_path, capsys):
+    """diffusers allows a UNet sample_size of [height, width]: the default image size follows it."""
+    from sdcore.pipeline import StableDiffusion
+
+    model = _with_sample_size(checkpoints, tmp_path, [8, 12])  # latents: 64 x 96 pixels
+    pipe = StableDiffusion.load(model, cache_dir=compile_cache)
+    assert (pipe.default_height, pipe.default_width) == (64, 96)
+    out = tmp_path / "out.png"
+    capsys.readouterr()
+    code, _, err = _run(["txt2img", "--model", model, "--prompt", "a red circle", "--steps", "2", "--seed", "1",
+                         "--cache-dir", compile_cache, "--no-progress", "--output", out], capsys)
+    assert code == 0, err
+    assert Image.open(out).size == (96, 64)  # PIL: (width, height)
+    assert "Size: 96x64" in Image.open(out).text["parameters"]
+
+
+@pytest.mark.parametrize("sample_size", [[8, 12, 4], [8, "12"], 0])
+def test_bad_sample_size_is_one_line(sample_size, checkpoints, tmp_path, capsys):
+    model = _with_sample_size(checkpoints, tmp_path, sample_size)
+    capsys.readouterr()
+    code, _, err = _run(["txt2img", "--model", model, "--prompt", "x", "--output", tmp_path / "o.png"], capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: ") and "sample_size" in err, err
 
 
 @pytest.mark.parametrize("model", ["empty", "missing"])

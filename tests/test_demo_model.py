@@ -9,14 +9,13 @@ the networks compile once for the module (the session's compile cache).
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
 import pytest
+import train_demo_model as demo  # tools/ is on sys.path (conftest.py)
 from PIL import Image
 
-import train_demo_model as demo  # tools/ is on sys.path (conftest.py)
 from sdcore.models import demo_model_path
 from sdcore.pipeline import StableDiffusion, randn
 
@@ -144,7 +143,8 @@ def test_guidance_7_follows_the_prompt_better_than_1(generate, record_property):
     record_property("guidance_scores", scores)
     (hits7, err7), (hits1, err1) = scores[7.0], scores[1.0]
     assert hits7 > hits1 or (hits7 == hits1 and err7 < err1), \
-        f"attributes right / mean colour error: guidance 7 {hits7:.0f} / {err7:.1f}, guidance 1 {hits1:.0f} / {err1:.1f}"
+        f"attributes right / mean colour error: guidance 7 {hits7:.0f} / {err7:.1f}, " \
+        f"guidance 1 {hits1:.0f} / {err1:.1f}"
 
 
 def test_img2img_low_strength_keeps_the_layout(sd):
@@ -189,11 +189,9 @@ def _nearest(rgb: np.ndarray) -> np.ndarray:
 
 
 def test_tome_half_stays_close_to_no_merging(sd, record_property):
-    if "tome_ratio" not in inspect.signature(StableDiffusion.txt2img).parameters:
-        pytest.skip("token merging is not wired into the pipeline yet (StableDiffusion.txt2img has no tome_ratio)")
     prompt = PROMPTS[1][0]
     plain, merged = [np.asarray(sd.txt2img(prompt, steps=STEPS, sampler=SAMPLER, guidance_scale=7.0, seed=0,
-                                           width=SIZE, height=SIZE, tome_ratio=ratio,
+                                           width=SIZE, height=SIZE, tome=ratio,
                                            progress=False).images[0].convert("RGB"))
                      for ratio in (0.0, 0.5)]
     value = psnr(merged, plain)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -98,3 +101,29 @@ def test_png_carries_a1111_parameters(tmp_path):
 def test_png_refuses_other_suffix(tmp_path):
     with pytest.raises(SdcoreError):
         save_png(Image.new("RGB", (8, 8)), tmp_path / "out.jpg", {})
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_png_mode_follows_the_umask(tmp_path, umask):
+    """The PNG gets 0666 less the umask, as any file the user's tools create (not the 0600 of a
+    temporary file), also when it replaces an existing file; no temporary file stays behind."""
+    (tmp_path / "old.png").write_bytes(b"")
+    os.chmod(tmp_path / "old.png", 0o600)
+    previous = os.umask(umask)
+    try:
+        for name in ("new.png", "old.png"):
+            save_png(Image.new("RGB", (8, 8)), tmp_path / name, {"prompt": "x"})
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.png", "old.png"]
+
+
+def test_png_write_that_fails_leaves_no_file(tmp_path):
+    class Broken:
+        def save(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_png(Broken(), tmp_path / "out.png", {})
+    assert list(tmp_path.iterdir()) == []

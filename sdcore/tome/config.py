@@ -4,7 +4,7 @@ Mirrors tomesd 0.1.3 (`tomesd/patch.py`: `apply_patch` for the options, `compute
 tomesd decides everything at run time from `x.shape[1]`; sdcore compiles static shapes, so the same
 decisions are taken here, once, when the UNet is built for a latent size. Where tomesd would crash
 (a token grid its rounding cannot rebuild, a grid smaller than one stride window) or silently cap a
-ratio, this module raises SdcoreError instead.
+ratio, this module raises UsageError (the caller's options cannot run) instead.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from sdcore.errors import SdcoreError
+from sdcore.errors import UsageError
 
 MAX_DOWNSAMPLES = (1, 2, 4, 8)
 
@@ -79,22 +79,22 @@ class ToMeConfig:
         for name in ("sx", "sy", "max_downsample"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise SdcoreError(f"ToMe {name} must be an integer, got {value!r}.")
+                raise UsageError(f"ToMe {name} must be an integer, got {value!r}.")
         if self.sx < 1 or self.sy < 1:
-            raise SdcoreError(f"ToMe stride sx={self.sx}, sy={self.sy} must be at least 1.")
+            raise UsageError(f"ToMe stride sx={self.sx}, sy={self.sy} must be at least 1.")
         if self.max_downsample not in MAX_DOWNSAMPLES:
-            raise SdcoreError(
+            raise UsageError(
                 f"ToMe max_downsample={self.max_downsample} is not supported: use one of {MAX_DOWNSAMPLES}."
             )
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             if not isinstance(getattr(self, name), bool):
-                raise SdcoreError(f"ToMe {name} must be true or false, got {getattr(self, name)!r}.")
+                raise UsageError(f"ToMe {name} must be true or false, got {getattr(self, name)!r}.")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or math.isnan(self.ratio):
-            raise SdcoreError(f"ToMe ratio must be a number, got {self.ratio!r}.")
+            raise UsageError(f"ToMe ratio must be a number, got {self.ratio!r}.")
         if self.ratio < 0:
-            raise SdcoreError(f"ToMe ratio {self.ratio} is negative: use 0 (off) up to {self.max_ratio:g}.")
+            raise UsageError(f"ToMe ratio {self.ratio} is negative: use 0 (off) up to {self.max_ratio:g}.")
         if self.ratio > self.max_ratio:
-            raise SdcoreError(
+            raise UsageError(
                 f"ToMe ratio {self.ratio} is above the maximum {self.max_ratio:g} for a {self.sx}x{self.sy} "
                 f"stride (one token in {self.sx * self.sy} must stay a destination): lower the ratio or "
                 "enlarge sx/sy."
@@ -119,18 +119,18 @@ class ToMeConfig:
         if merges:
             if h * w != tokens:
                 # tomesd's rounding rebuilds a different grid than the UNet's; it fails in a gather.
-                raise SdcoreError(
+                raise UsageError(
                     f"ToMe cannot merge the {tokens}-token block (level {level}) of a {latent_h}x{latent_w} "
                     f"latent: tomesd's grid estimate {h}x{w} does not match; lower max_downsample."
                 )
             num_dst = (h // self.sy) * (w // self.sx)
             if num_dst == 0:
-                raise SdcoreError(
+                raise UsageError(
                     f"ToMe cannot merge the {h}x{w}-token block (level {level}) of a {latent_h}x{latent_w} "
                     f"latent: it is smaller than one {self.sx}x{self.sy} window; lower max_downsample."
                 )
             if r > tokens - num_dst:
-                raise SdcoreError(
+                raise UsageError(
                     f"ToMe ratio {self.ratio} asks to merge {r} of {tokens} tokens, but only "
                     f"{tokens - num_dst} are sources on the {h}x{w} grid; lower the ratio."
                 )
@@ -144,7 +144,7 @@ class ToMeConfig:
         The UNet's stride-2, padding-1 convolutions give a ceil(h / 2**level) x ceil(w / 2**level) grid.
         """
         if level < 0:
-            raise SdcoreError(f"ToMe downsample level must be >= 0, got {level}.")
+            raise UsageError(f"ToMe downsample level must be >= 0, got {level}.")
         grid_h, grid_w = latent_size
         for _ in range(level):
             grid_h, grid_w = (grid_h + 1) // 2, (grid_w + 1) // 2

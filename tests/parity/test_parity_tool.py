@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sdcore.cli import main as cli_main
-from sdcore.parity_tool import main
+from sdcore.parity import main
 
 
 def test_parity_tool_on_converted_model(checkpoints, compile_cache, capsys):

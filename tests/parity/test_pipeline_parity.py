@@ -160,7 +160,8 @@ def test_txt2img_full_size(checkpoints, compile_cache, preset, prediction_type):
     src = checkpoints.diffusers(preset, prediction_type=prediction_type)
     model = checkpoints.converted(preset, prediction_type=prediction_type)
     pipe = StableDiffusion.load(model, cache_dir=compile_cache)
-    size = pipe.default_size
+    size = pipe.default_width
+    assert pipe.default_height == size
     rng = np.random.Generator(np.random.PCG64(SEED))
     x_t = randn(rng, (1, 4, size // 8, size // 8))
     ours = pipe.txt2img("a red circle", "blurry", steps=3, guidance_scale=7.5, sampler="DDIM", seed=SEED,

@@ -19,7 +19,9 @@ import numpy as np
 
 from sdcore import weights
 from sdcore.errors import SdcoreError, UsageError
-from sdcore.parity import build_tapped, compare, format_table, reference_taps
+from sdcore.parity.scores import compare, format_table
+from sdcore.parity.taps import build_tapped, reference_taps
+from sdcore.pipeline.request import default_image_size
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 
@@ -35,13 +37,13 @@ def _references():
     return torch, diffusers, transformers
 
 
-def _load_reference(torch, module, state: dict, strip_text_model: bool = False):
-    """Load sdcore's state dict into the torch reference, strictly."""
-    if strip_text_model and not hasattr(module, "text_model"):  # transformers 5 has no text_model level
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+def _load_reference(torch, component: str, module, state: dict):
+    """Load sdcore's state dict into the torch reference, strictly (but for weights.is_ignored_key)."""
+    if component == "text_encoder" and not hasattr(module, "text_model"):  # transformers 5: no text_model level
+        state = {k.removeprefix(weights.TEXT_MODEL_LEVEL): v for k, v in state.items()}
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
     missing, unexpected = module.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
+    missing = [k for k in missing if not weights.is_ignored_key(component, k)]
     if missing or unexpected:
         raise SdcoreError(f"the reference model does not take these weights: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}.")
@@ -59,8 +61,8 @@ def check_text_encoder(model_dir: Path, cache_dir, seed: int, target="llvm", dty
 
     config_dict, state = weights.load_component(model_dir, "text_encoder")
     config = weights.model_classes("text_encoder")[0].from_dict(config_dict)
-    ref = _load_reference(torch, transformers.CLIPTextModel(transformers.CLIPTextConfig(**config_dict)), state,
-                          strip_text_model=True)
+    ref = _load_reference(torch, "text_encoder", transformers.CLIPTextModel(transformers.CLIPTextConfig(**config_dict)),
+                          state)
     holder = ref
     if not hasattr(ref, "text_model"):
         holder = torch.nn.Module()
@@ -86,7 +88,7 @@ def check_unet(model_dir: Path, cache_dir, seed: int, height: int, width: int, b
 
     config_dict, state = weights.load_component(model_dir, "unet")
     config = weights.model_classes("unet")[0].from_dict(config_dict)
-    ref = _load_reference(torch, diffusers.UNet2DConditionModel.from_config(config_dict), state)
+    ref = _load_reference(torch, "unet", diffusers.UNet2DConditionModel.from_config(config_dict), state)
     rng = np.random.default_rng(seed)
     h, w = height // 8, width // 8
     sample = rng.standard_normal((batch, config.in_channels, h, w), dtype=np.float32)
@@ -113,7 +115,7 @@ def check_vae(model_dir: Path, cache_dir, seed: int, height: int, width: int, ta
 
     config_dict, state = weights.load_component(model_dir, "vae")
     config = weights.model_classes("vae")[0].from_dict(config_dict)
-    ref = _load_reference(torch, diffusers.AutoencoderKL.from_config(config_dict), state)
+    ref = _load_reference(torch, "vae", diffusers.AutoencoderKL.from_config(config_dict), state)
     rng = np.random.default_rng(seed)
     image = rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
     rows = []
@@ -133,7 +135,8 @@ def check_vae(model_dir: Path, cache_dir, seed: int, height: int, width: int, ta
             latents = dist.mean.numpy()
         else:
             outs = compiled.decode(latents)
-            decoded, taps = reference_taps(ref, names, lambda: ref.decode(torch.from_numpy(latents)).sample)
+            decoded, taps = reference_taps(ref, names,
+                                           lambda z=latents: ref.decode(torch.from_numpy(z)).sample)
             finals = [compare("decode.sample", outs[0], decoded.numpy())]
         rows += [compare(n, o, taps[n]) for n, o in zip(names, outs[n_out:])] + finals
     return rows
@@ -169,11 +172,10 @@ def _run(args) -> int:
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise UsageError(f"unknown component(s) {unknown}: choose from {', '.join(COMPONENTS)}.")
-    unet_config = weights.read_config(model_dir, "unet")
+    unet_config = weights.model_classes("unet")[0].from_dict(weights.read_config(model_dir, "unet"))
     vae_config = weights.read_config(model_dir, "vae")
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    default = int(unet_config.get("sample_size", 64)) * scale
-    width, height = args.width or default, args.height or default
+    default_height, default_width = default_image_size(unet_config, 2 ** (len(vae_config["block_out_channels"]) - 1))
+    width, height = args.width or default_width, args.height or default_height
     if width % 8 or height % 8 or width < 8 or height < 8:
         raise UsageError(f"--width/--height must be positive multiples of 8, got {width}x{height}.")
     if not 1 <= args.batch <= 16:
