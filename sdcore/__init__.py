@@ -6,10 +6,10 @@ diffusers and transformers are never imported here (they are test references).
 
 __version__ = "0.1.0"
 
-from sdcore.errors import SdcoreError
+from sdcore.errors import SdcoreError, UsageError
 from sdcore.models import demo_model_path
 
-__all__ = ["SdcoreError", "StableDiffusion", "__version__", "demo_model_path"]
+__all__ = ["SdcoreError", "StableDiffusion", "UsageError", "__version__", "demo_model_path"]
 
 
 def __getattr__(name):  # sdcore.StableDiffusion without loading the pipeline at import time
