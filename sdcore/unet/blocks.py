@@ -1,11 +1,16 @@
 """The UNet's building blocks, one class per diffusers class, with diffusers' attribute names.
 
-References (diffusers 0.42): models/resnet.py (ResnetBlock2D), models/downsampling.py (Downsample2D),
-models/upsampling.py (Upsample2D), models/attention_processor.py (Attention), models/attention.py
-(BasicTransformerBlock, FeedForward), models/activations.py (GEGLU),
+References (diffusers 0.42): models/resnet.py (ResnetBlock2D), models/upsampling.py (Upsample2D),
+models/attention_processor.py (Attention), models/attention.py (BasicTransformerBlock,
+FeedForward), models/activations.py (GEGLU),
 models/transformers/transformer_2d.py (Transformer2DModel), models/unets/unet_2d_blocks.py
 (CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, CrossAttnUpBlock2D),
-models/embeddings.py (Timesteps, TimestepEmbedding).
+models/embeddings.py (Timesteps, TimestepEmbedding). Downsample2D and the attention itself are in
+sdcore/layers.py, shared with the VAE.
+
+The stage blocks (down, mid, up) are built from the UNetConfig and their index, as diffusers'
+get_down_block/get_up_block read its per-block lists; the blocks inside them take keywords with
+diffusers' argument names.
 
 Tensors are NCHW between blocks and [B, N, C] (tokens) inside the transformer, as in diffusers.
 """

@@ -1,9 +1,10 @@
 """The VAE's building blocks in Relax, one class per diffusers block, same attribute names.
 
 References (diffusers/models/): resnet.py `ResnetBlock2D` (here without a time embedding),
-downsampling.py `Downsample2D`, upsampling.py `Upsample2D`, attention_processor.py `Attention` with
+upsampling.py `Upsample2D`, attention_processor.py `Attention` with
 `AttnProcessor2_0` (the VAE's single-head spatial self-attention), unets/unet_2d_blocks.py
-`UNetMidBlock2D`, `DownEncoderBlock2D`, `UpDecoderBlock2D`.
+`UNetMidBlock2D`, `DownEncoderBlock2D`, `UpDecoderBlock2D` (built from the VAEConfig and their
+index); Downsample2D is sdcore/layers.py's, shared with the UNet.
 
 The VAE builds every block with output_scale_factor = rescale_output_factor = 1, so the divisions
 diffusers applies after each residual sum are the identity and are left out. All GroupNorms use
