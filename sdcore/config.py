@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from typing import Any, ClassVar, Mapping
 
 from sdcore.errors import SdcoreError
@@ -33,6 +35,7 @@ class ConfigBase:
     CLASS_KEY: ClassVar[tuple[str, str] | None] = None
     IGNORED: ClassVar[Mapping[str, str]] = {}  # key -> why it changes nothing sdcore computes
     UNSUPPORTED_OPTIONS: ClassVar[Mapping[str, tuple]] = {}  # key -> the values accepted (all inert)
+    POSITIVE: ClassVar[frozenset[str]] = frozenset()  # fields whose integers (in lists too) must be >= 1
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
@@ -56,7 +59,17 @@ class ConfigBase:
             if key in d and not any(_same(d[key], a) for a in accepted):
                 raise SdcoreError(f"{cls.TITLE} config: {key}={d[key]!r} is not supported by sdcore (it "
                                   f"implements {' or '.join(repr(a) for a in accepted)}).")
-        return cls(**{k: _frozen(v) for k, v in d.items() if k in fields})
+        kwargs = {k: _frozen(v) for k, v in d.items() if k in fields}
+        hints = typing.get_type_hints(cls)
+        for key, value in kwargs.items():
+            positive = key in cls.POSITIVE
+            if not _matches(value, hints[key], positive):
+                if hints[key] is type(None):
+                    raise SdcoreError(f"{cls.TITLE} config: {key}={d[key]!r} is not supported by sdcore (it "
+                                      f"implements null).")
+                raise SdcoreError(f"{cls.TITLE} config: {key} must be {_describe(hints[key], positive)}, found "
+                                  f"{d[key]!r}.")
+        return cls(**kwargs)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike):
@@ -66,6 +79,48 @@ class ConfigBase:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise SdcoreError(f"cannot read the {cls.TITLE} config {os.fspath(path)}: {err}.") from None
         return cls.from_dict(d)
+
+
+def _matches(value, hint, positive: bool) -> bool:
+    """Whether a JSON value (lists already tuples) has the type of a field's annotation."""
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or not positive)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a, positive) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0], positive) for v in value)
+        return len(value) == len(args) and all(_matches(v, a, positive) for v, a in zip(value, args))
+    raise TypeError(f"config annotation {hint!r} is not one sdcore/config.py reads")
+
+
+def _describe(hint, positive: bool) -> str:
+    """A field's annotation in words, for messages ("an integer or a list of integers")."""
+    if hint is type(None):
+        return "null"
+    words = {bool: "true or false", int: "a positive integer" if positive else "an integer", float: "a number",
+             str: "a string"}
+    if hint in words:
+        return words[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, positive) for a in args)
+    plural = {bool: "booleans", int: "positive integers" if positive else "integers", float: "numbers",
+              str: "strings"}[args[0]]
+    if len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {plural}"
+    return f"a list of {len(args)} {plural}"
 
 
 def _same(value, accepted) -> bool:

@@ -62,6 +62,8 @@ class CLIPTextConfig(ConfigBase):
     CLASS_KEY = ("model_type", "clip_text_model")
     IGNORED = IGNORED
     UNSUPPORTED_OPTIONS = UNSUPPORTED_OPTIONS
+    POSITIVE = frozenset({"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                          "num_attention_heads", "max_position_embeddings"})
 
     vocab_size: int = 49408
     hidden_size: int = 512

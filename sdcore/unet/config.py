@@ -71,6 +71,9 @@ class UNetConfig(ConfigBase):
     CLASS_KEY = ("_class_name", "UNet2DConditionModel")
     IGNORED = IGNORED
     UNSUPPORTED_OPTIONS = UNSUPPORTED_OPTIONS
+    POSITIVE = frozenset({"in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+                          "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+                          "time_embedding_dim", "conv_in_kernel", "conv_out_kernel", "sample_size"})
 
     in_channels: int = 4  # 9 for the inpainting UNet (latents + mask + masked-image latents)
     out_channels: int = 4
@@ -107,6 +110,8 @@ class UNetConfig(ConfigBase):
         if self.sample_size is not None:
             check_sample_size("UNet", self.sample_size)
         n = len(self.down_block_types)
+        if n == 0:
+            raise SdcoreError("UNet config: down_block_types must not be empty.")
         for name in ("down_block_types", "up_block_types", "block_out_channels"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or len(value) != n:

@@ -45,6 +45,8 @@ class VAEConfig(ConfigBase):
     CLASS_KEY = ("_class_name", "AutoencoderKL")
     IGNORED = IGNORED
     UNSUPPORTED_OPTIONS = UNSUPPORTED_OPTIONS
+    POSITIVE = frozenset({"in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                          "norm_num_groups", "sample_size"})
 
     in_channels: int = 3
     out_channels: int = 3
