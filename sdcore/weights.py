@@ -128,6 +128,23 @@ def check_state_dict(component: str, state: dict[str, Any], expected: dict[str, 
     return state
 
 
+def check_components(configs: dict[str, dict]) -> bool:
+    """The three configs must make one model: the UNet's channels fit the VAE's latents, its
+    cross-attention the text encoder's width. Returns whether the UNet is an inpainting one (latents,
+    mask and masked-image latents in)."""
+    unet, vae, text = (model_classes(c)[0].from_dict(configs[c]) for c in ("unet", "vae", "text_encoder"))
+    latent = vae.latent_channels
+    if unet.out_channels != latent or unet.in_channels not in (latent, 2 * latent + 1):
+        raise SdcoreError(
+            f"UNet takes {unet.in_channels} and gives {unet.out_channels} channels, the VAE has {latent} latent "
+            f"channels: only text-to-image ({latent} in) and inpainting ({2 * latent + 1} in) UNets are supported.")
+    if text.hidden_size != unet.cross_attention_dims[0]:
+        raise SdcoreError(
+            f"text encoder width {text.hidden_size} does not match the UNet's cross_attention_dim "
+            f"{unet.cross_attention_dims[0]}: the components come from different models.")
+    return unet.in_channels == 2 * latent + 1
+
+
 def read_config(model_dir: str | Path, component: str) -> dict:
     path = Path(model_dir) / component / "config.json"
     try:

@@ -224,6 +224,20 @@ def test_shape_mismatch_names_the_key(checkpoints, tmp_path, capsys):
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_components_of_different_models(checkpoints, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    from sdcore.presets import preset
+
+    src = tmp_path / "mixed"
+    shutil.copytree(checkpoints.diffusers("tiny-sd1"), src)
+    shutil.rmtree(src / "vae")
+    AutoencoderKL(**dict(preset("tiny-sd1")["vae"], latent_channels=8)).save_pretrained(src / "vae")
+    code, _, err = _run(["convert", src, "--output", tmp_path / "out"], capsys)
+    _assert_one_line_error(code, err, 1, "the VAE has 8 latent channels")
+    _assert_nothing_written(tmp_path / "out")
+
+
 def test_existing_output_needs_overwrite(checkpoints, tmp_path, capsys):
     src = checkpoints.diffusers("tiny-sd1")
     out = tmp_path / "model"

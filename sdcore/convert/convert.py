@@ -136,11 +136,10 @@ def _from_diffusers(src: Path, prediction_type: str | None) -> Converted:
 
     CLIPTokenizer.from_dir(src / "tokenizer")  # vocab.json + merges.txt or tokenizer.json, validated here
 
-    unet_config = components["unet"][0]
+    inpainting = weights.check_components({name: config for name, (config, _state) in components.items()})
     # SD2.x's OpenCLIP text tower is the one with plain gelu (SD1.x's OpenAI CLIP uses quick_gelu)
     text_config = components["text_encoder"][0]
     family = "sd2" if text_config.get("hidden_act") == "gelu" or text_config.get("hidden_size") == 1024 else "sd1"
-    inpainting = unet_config.get("in_channels") == 9
     scheduler_path = src / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path) if scheduler_path.exists() else dict(DEFAULT_SCHEDULER)
     if prediction_type is not None:

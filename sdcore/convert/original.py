@@ -253,22 +253,10 @@ def split_original(state_dict: dict[str, np.ndarray], *, use_ema: bool | None = 
     unet, unet_cfg = _convert_unet(unet_tensors, family, notes)
     vae, vae_cfg = _convert_vae(_strip(state_dict, VAE_PREFIX), unet_cfg["sample_size"], notes)
 
-    latent = vae_cfg["latent_channels"]
-    if unet_cfg["out_channels"] != latent or unet_cfg["in_channels"] not in (latent, 2 * latent + 1):
-        raise SdcoreError(
-            f"UNet takes {unet_cfg['in_channels']} and gives {unet_cfg['out_channels']} channels, the VAE has "
-            f"{latent} latent channels: only text-to-image ({latent} in) and inpainting ({2 * latent + 1} in) "
-            "UNets are supported."
-        )
-    inpainting = unet_cfg["in_channels"] == 2 * latent + 1
+    inpainting = weights.check_components({"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg})
     if inpainting:
         notes.append(f"inpainting UNet: conv_in takes {unet_cfg['in_channels']} channels "
                      "(latents, mask, masked image).")
-    if text_cfg["hidden_size"] != unet_cfg["cross_attention_dim"]:
-        raise SdcoreError(
-            f"text encoder width {text_cfg['hidden_size']} does not match the UNet's cross_attention_dim "
-            f"{unet_cfg['cross_attention_dim']}: the components come from different models."
-        )
 
     for why in dict.fromkeys(ignored.values()):
         count = sum(1 for w in ignored.values() if w == why)
