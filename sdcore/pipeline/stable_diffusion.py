@@ -302,12 +302,12 @@ class StableDiffusion:
             self._end_stage("vae")  # the VAE encoder's activations (and weights in low-memory mode)
         timings["prepare"] = time.perf_counter() - start - timings["text_encode"]
 
+        unet = self._unet_call(request, cond, uncond)  # compiled (or loaded) on first use of this shape
         hooks = [*begin.hooks, *([callback] if callback is not None else [])]
         unet_start = time.perf_counter()
         with _ProgressBar(request, progress) as tick:
-            x = denoise(self._unet_call(request, cond, uncond), begin.samplers, begin.x, request.steps_run,
-                        guidance_scale=request.guidance_scale, rngs=rngs, conditioning=begin.conditioning,
-                        hooks=[*hooks, tick])
+            x = denoise(unet, begin.samplers, begin.x, request.steps_run, guidance_scale=request.guidance_scale,
+                        rngs=rngs, conditioning=begin.conditioning, hooks=[*hooks, tick])
         timings["denoise"] = time.perf_counter() - unet_start
         # the UNet's activations (kept for the next step by the VM's pooled allocator) are not
         # needed by the VAE: freed, the peak is the larger stage, not both (docs/performance.md,
