@@ -1,10 +1,12 @@
 """sdcore's CPU schedules (sdcore/schedule) give the numbers of TVM's unscheduled build.
 
-Each case builds one small module twice, `schedule=True` (fast-exp rewrite, lifted weight
-transposes, hand-written schedule rules) and `schedule=False` (TVM's default pipeline), and
-compares: the same sums in another order, plus a polynomial exp, so agreement is to ~1e-5 relative.
-Shapes are chosen to hit every branch of the rules: batch 1 and 2, widths that are and are not
-multiples of the vector width, head sizes of 40 and 77 keys, 1x1/3x3/stride-2 convolutions.
+Each case builds one small module twice, `schedule=True` (kernel dispatch, fast-exp rewrite, lifted
+weight transposes, hand-written schedule rules) and `schedule=False` (TVM's default pipeline, which
+legalizes attention and the convs itself), and compares: the same sums in another order, plus a
+polynomial exp, so agreement is to ~1e-5 relative. Shapes are chosen to hit every branch of the
+rules: batch 1 and 2, widths that are and are not multiples of the vector width, head sizes of 40
+and 77 keys, 1x1/3x3/stride-2 convolutions. The dispatch tests count which kernels the pass puts
+in a small exported module (sdcore/schedule/dispatch.py), for llvm and cuda.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ class _CausalAttention(nn.Module):
         return attention(q, k, v, 2, causal=True)
 
 
-# The fused kernel (sdcore/schedule/attention.py) in both builds, so each is checked against numpy:
+# The fused kernel (sdcore/schedule/attention.py) in the scheduled build, TVM's legalized attention
+# op in the other, each checked against numpy:
 # query counts that are and are not multiples of its 32-query block, key counts that are and are not
 # multiples of its 12-key tile (77: cross-attention), head widths 40/64/80/160 (SD1.5's and SD2.1's)
 # and 16; and CLIP's causal attention (77 tokens, keys after the query masked).
