@@ -184,7 +184,7 @@ def test_clip_float16(tmp_path):
 
 
 def test_skipped_layers_are_not_computed_but_load():
-    config = CLIPTextConfig(**dict(SMALL, eos_token_id=2))
+    config = CLIPTextConfig.from_dict(dict(SMALL, eos_token_id=2))
     model = CLIPTextModel(config, clip_skip=1)
     last = f"text_model.encoder.layers.{config.num_hidden_layers - 1}"
     assert f"{last}.mlp.fc2.weight" in dict(model.named_parameters())  # kept, so a full checkpoint loads
@@ -227,7 +227,7 @@ def test_config_rejects(change, message):
 
 
 def test_options_and_inputs_rejected():
-    config = CLIPTextConfig(**dict(SMALL, eos_token_id=2))
+    config = CLIPTextConfig.from_dict(dict(SMALL, eos_token_id=2))
     for bad in (-1, config.num_hidden_layers + 1, 1.5):
         with pytest.raises(SdcoreError, match="clip_skip"):
             CLIPTextModel(config, clip_skip=bad)
