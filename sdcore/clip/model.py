@@ -161,7 +161,8 @@ class CLIPTextModel(nn.Module):
         position = _argmax_last_axis(key)  # [B] int32, first maximum as torch's argmax
         flat_index = op.arange(0, b, dtype="int32") * n + position  # [B]
         flat = op.reshape(hidden_states, (b * n, c))  # [B*N, C]
-        return op.take(flat, flat_index, axis=0)  # [B, C]
+        # "clip" like _Embedding: TOPI's default "fast" take warns at every compile; the index is in range
+        return op.wrap_nested(relax.op.take(flat._expr, flat_index._expr, axis=0, mode="clip"), name="take")  # [B, C]
 
 
 def _argmax_last_axis(x: nn.Tensor) -> nn.Tensor:

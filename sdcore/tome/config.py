@@ -138,18 +138,6 @@ class ToMeConfig:
         return ToMeBlockPlan(level=level, tokens=tokens, downsample=downsample, merges=merges,
                              h=h, w=w, r=r if merges else 0, use_rand=use_rand, rand_shape=rand_shape)
 
-    def plan_for_level(self, latent_size: tuple[int, int], level: int, batch_size: int) -> ToMeBlockPlan:
-        """The plan for a transformer block `level` 2x-downsamplings below the latent.
-
-        The UNet's stride-2, padding-1 convolutions give a ceil(h / 2**level) x ceil(w / 2**level) grid.
-        """
-        if level < 0:
-            raise UsageError(f"ToMe downsample level must be >= 0, got {level}.")
-        grid_h, grid_w = latent_size
-        for _ in range(level):
-            grid_h, grid_w = (grid_h + 1) // 2, (grid_w + 1) // 2
-        return self.plan_for_tokens(latent_size, grid_h * grid_w, batch_size, level=level)
-
     def tag(self) -> str:
         """The options that change the compiled graph, as a short label for build names and logs,
         e.g. "tome0.5-md1-2x2-rand-attn1"; "" when ToMe is off (the plain graph).
@@ -187,23 +175,6 @@ class ToMeConfig:
         parts = [random_destination_indices((*seed, i), plan.h, plan.w, self.sx, self.sy).reshape(-1)
                  for i, (_, plan) in enumerate(plans) if plan.rand_shape is not None]
         return np.concatenate(parts) if parts else None
-
-    def describe(self, latent_size: tuple[int, int], blocks: Sequence[tuple[str, int]], batch_size: int) -> str:
-        """One line for the compile log, e.g. "ToMe 0.5 (2x2, random dst; attn1): down_blocks.0 4096 → 2048
-        tokens, up_blocks.3 4096 → 2048 tokens". `blocks` are (name, level) pairs; repeats are listed once."""
-        parts = [f"{self.sx}x{self.sy}"]
-        parts.append("random dst" if self.use_rand and batch_size % 2 == 0 else "top-left dst")
-        parts.append("+".join(n for n, on in (("attn1", self.merge_attn), ("attn2", self.merge_crossattn),
-                                              ("ff", self.merge_mlp)) if on) or "nothing")
-        head = f"ToMe {self.ratio:g} ({', '.join(parts)})"
-        seen = {}
-        for name, level in blocks:
-            plan = self.plan_for_level(latent_size, level, batch_size)
-            if plan.merges and name not in seen:
-                seen[name] = f"{name} {plan.tokens} → {plan.tokens_after} tokens"
-        if not seen:
-            return f"{head}: no block merges at latent {latent_size[0]}x{latent_size[1]}"
-        return f"{head}: " + ", ".join(seen.values())
 
 
 def log_lines(plans: Sequence[tuple[str, ToMeBlockPlan]]) -> list[str]:
