@@ -82,7 +82,7 @@ def _add_generate(sub, mode: str) -> None:
                       help="comma list of what runs on merged tokens: attn, crossattn, mlp (default attn)")
     tome.add_argument("--tome-no-rand", action="store_true",
                       help="top-left destination of each window instead of a random one (seeded)")
-    p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "auto"])
+    p.add_argument("--target", default="cpu", choices=["cpu", "llvm", "cuda", "auto"])
     p.add_argument("--dtype", default=None, choices=["float32", "float16"],
                    help="UNet and text encoder precision (default: float16 on cuda, float32 on the CPU; "
                         "the VAE is float32)")

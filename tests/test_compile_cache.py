@@ -137,3 +137,14 @@ def test_compiling_the_demo_networks_prints_no_tvm_warning(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert list(tmp_path.glob("*.so")), "nothing was compiled"
     assert "Warning" not in done.stderr and "warning" not in done.stderr.lower(), done.stderr
+
+
+def test_target_names():
+    """"cpu" is the name users type for the host CPU (TVM calls it llvm); an unknown name is a usage error."""
+    from sdcore.compile import make_target
+    from sdcore.errors import UsageError
+
+    assert str(make_target("cpu")) == str(make_target("llvm"))
+    assert make_target("cpu").kind.name == "llvm"
+    with pytest.raises(UsageError, match="unknown target 'gpu'"):
+        make_target("gpu")

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with guidance)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--cache-dir", type=Path, default=None, help="compile cache (default ~/.cache/sdcore)")
-    parser.add_argument("--target", default="llvm", choices=["llvm", "cuda", "auto"],
+    parser.add_argument("--target", default="cpu", choices=["cpu", "llvm", "cuda", "auto"],
                         help="where sdcore runs (the reference runs in float32 on the CPU)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16"],
                         help="UNet and text encoder precision (default: float16 on cuda, float32 on the CPU; "

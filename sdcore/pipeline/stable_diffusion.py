@@ -38,7 +38,7 @@ class GenerationResult:
 class StableDiffusion:
     """A converted model directory, its networks compiled on first use for each shape."""
 
-    def __init__(self, model_dir: str | Path | None = None, *, target: str = "llvm", cache_dir=None,
+    def __init__(self, model_dir: str | Path | None = None, *, target: str = "cpu", cache_dir=None,
                  low_memory: bool = False, threads: int | None = None, dtype: str | None = None):
         """`dtype`: the UNet's and text encoder's precision, "float32" or "float16"; None picks
         float16 on cuda and float32 on the CPU. The VAE is float32 either way (diffusers'
