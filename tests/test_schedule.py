@@ -330,6 +330,8 @@ def test_winograd_only_where_it_applies():
     assert not takes(320, 320, (2, 320, 64, 64), bias=False)
     assert not takes(4, 320, (2, 4, 64, 64))                # channels not a multiple of the vector
     assert not takes(512, 8, (1, 512, 64, 64))              # the VAE encoder's conv_out: 8 channels
+    assert takes(32, 32, (2, 32, 8, 8))                     # the demo UNet's resnets (as before the dispatch pass)
+    assert takes(16, 16, (1, 16, 64, 64))                   # the demo VAE's last stage
 
 
 class _VAEStage(nn.Module):
