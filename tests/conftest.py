@@ -3,15 +3,9 @@ per test session, and a compile cache shared by the session's tests."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-# Tests of a tool itself (test_train_demo_model.py, test_demo_model.py) import it by name. The helpers
-# tests and tools share live in sdcore.testing; this line goes once pytest's `pythonpath` option
-# (pyproject.toml) names tools/.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 
 @pytest.fixture(scope="session")
