@@ -10,8 +10,8 @@ import json
 
 import numpy as np
 import pytest
-
 import train_demo_model as demo  # tools/ is on sys.path (pytest's pythonpath, pyproject.toml)
+
 from sdcore.models import demo_model_path
 
 

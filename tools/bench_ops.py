@@ -109,16 +109,17 @@ def main(argv=None) -> int:
         parser.error(str(err))
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    import torch
-    from tvm.relax.frontend import nn
-
     import importlib
     import pkgutil
+
+    import torch
+    from tvm.relax.frontend import nn
 
     import sdcore.schedule
     from sdcore.compile import build, set_threads
 
-    modules = [importlib.import_module(f"sdcore.schedule.{m.name}") for m in pkgutil.iter_modules(sdcore.schedule.__path__)]
+    modules = [importlib.import_module(f"sdcore.schedule.{m.name}")
+               for m in pkgutil.iter_modules(sdcore.schedule.__path__)]
 
     def home(attr):  # the module a variant's constant lives in
         return next((m for m in modules if hasattr(m, attr)), None)
@@ -153,8 +154,8 @@ def main(argv=None) -> int:
             if err > 1e-4:
                 print(f"{label}: variant {name} differs from PyTorch (max rel {err:.1e})", file=sys.stderr)
                 return 1
-            calls[name] = lambda model=model: model.forward(x)
-        calls["PyTorch"] = lambda: torch_fn(tx)
+            calls[name] = lambda model=model, x=x: model.forward(x)
+        calls["PyTorch"] = lambda torch_fn=torch_fn, tx=tx: torch_fn(tx)
         times = {name: [] for name in calls}
         for _ in range(args.runs):
             for name, call in calls.items():

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             if ratio:
                 tomesd.apply_patch(unet_t, ratio=ratio, use_rand=False)
             with torch.no_grad():
-                ours, theirs = _median_alternating(lambda: unet.forward(sample, timestep, context),
+                ours, theirs = _median_alternating(lambda: unet.forward(sample, timestep, context),  # noqa: B023
                                                    lambda: unet_t(*ts[:2], encoder_hidden_states=ts[2]).sample,
                                                    args.runs)
             log(f"ratio {ratio}: sdcore {ours:.2f} s, diffusers+tomesd {theirs:.2f} s")

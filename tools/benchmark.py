@@ -177,7 +177,7 @@ def _bench_tome(p: dict, unet_t, size: int, ratios, inputs, runs: int, cache_dir
         net.set_params(state)
         tomesd.apply_patch(unet_t, ratio=ratio, use_rand=False)
         try:
-            out[ratio] = _median_alternating(lambda: net.forward(*inputs),
+            out[ratio] = _median_alternating(lambda: net.forward(*inputs),  # noqa: B023 - called here
                                              lambda: unet_t(ts[0], ts[1], encoder_hidden_states=ts[2]).sample, runs)
         finally:
             tomesd.remove_patch(unet_t)
@@ -280,11 +280,13 @@ def run_txt2img_children(script: str, preset_name: str, size: int, log, extra_ar
     env = _child_env()
     with tempfile.TemporaryDirectory() as tmp:
         src, model = Path(tmp) / "diffusers", Path(tmp) / "sdcore"
-        for cmd in ([sys.executable, str(ROOT / "tools" / "make_random_checkpoint.py"), str(src), "--preset", preset_name],
-                    [sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(src), "--output", str(model)]):
+        tools = ROOT / "tools"
+        for cmd in ([sys.executable, str(tools / "make_random_checkpoint.py"), str(src), "--preset", preset_name],
+                    [sys.executable, str(tools / "convert_weights.py"), str(src), "--output", str(model)]):
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if done.returncode:
-                return {s: {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]} for s in ("sdcore", "diffusers")}
+                error = done.stderr.strip().splitlines()[-1:] or ["failed"]
+                return {s: {"error": error} for s in ("sdcore", "diffusers")}
         for side, model_dir in (("diffusers", src), ("sdcore", model)):
             cmd = [sys.executable, script, "--child", side, "--model-dir", str(model_dir), "--size", str(size),
                    *extra_args]
@@ -329,8 +331,8 @@ def format_table(config: str, results: dict, compile_res: dict | None, threads: 
                 lines.append(f"| {names[row]} | {size}x{size} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {_ratio(a, b)} |")
             if row == "unet":
                 for ratio, (a, b) in res.get("tome", {}).items():
-                    lines.append(f"| UNet step, ToMe {ratio:g} (vs diffusers+tomesd) | {size}x{size} | {a * 1e3:.0f} ms | "
-                                 f"{b * 1e3:.0f} ms | {_ratio(a, b)} |")
+                    lines.append(f"| UNet step, ToMe {ratio:g} (vs diffusers+tomesd) | {size}x{size} | "
+                                 f"{a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {_ratio(a, b)} |")
         if "txt2img" in res:
             for name, a, b, ratio in txt2img_cells(res["txt2img"], f"txt2img, {steps} steps (warm)",
                                                    "peak_rss_mb", "peak resident memory, txt2img"):

@@ -146,7 +146,7 @@ def bench_networks(preset_name: str, size: int, rows, runs: int, cache_dir: str,
                 net.set_params(states["unet"])
                 tomesd.apply_patch(unet_t, ratio=ratio, use_rand=False)
                 try:
-                    out["tome"][ratio] = _timed_pair(lambda: net.forward(sample, timestep, context), it_unet,
+                    out["tome"][ratio] = _timed_pair(lambda: net.forward(sample, timestep, context), it_unet,  # noqa: B023
                                                      runs, sync)
                 finally:
                     tomesd.remove_patch(unet_t)

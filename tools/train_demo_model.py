@@ -555,7 +555,8 @@ def train_unet(pool: dict, text_encoder, unet, args, work: Path, log: Log, steps
         update_ema(ema["text_encoder"], text_encoder, step, args.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            log(f"{ckpt_path.stem} step {step} loss {loss.item():.4f} (avg {running:.4f}) lr {opt.param_groups[0]['lr']:.2e} "
+            lr = opt.param_groups[0]["lr"]
+            log(f"{ckpt_path.stem} step {step} loss {loss.item():.4f} (avg {running:.4f}) lr {lr:.2e} "
                 f"{time.perf_counter() - t0:.0f}s")
         if (step + 1) % args.checkpoint_every == 0 or step == steps - 1:
             save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),

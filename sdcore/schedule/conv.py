@@ -18,7 +18,6 @@ from sdcore.schedule.common import (
     vector_lanes,
 )
 
-
 _CONV_INPUT_BYTES = 512 * 1024  # input rows per conv task (image-major order): half the L2
 _CONV_COPY_1X1_BYTES = 64 << 20  # 1x1 inputs up to this size are copied to [N, H, C, W] first
 _RC_BLOCK = 8  # input channels per reduction block of an AVX2 3x3 conv (see Conv2d) ...

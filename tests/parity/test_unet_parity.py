@@ -149,12 +149,11 @@ def test_unet_parity_full(label, tmp_path):
 @pytest.mark.parametrize("channels,flip,shift", [(320, True, 0), (7, False, 1)])
 def test_time_proj(channels, flip, shift):
     """The sinusoidal features alone, tight: fractional timesteps up to 999 and an odd width."""
+    from diffusers.models.embeddings import get_timestep_embedding
     from tvm.relax.frontend import nn
 
     from sdcore.compile import build
     from sdcore.unet.blocks import Timesteps
-
-    from diffusers.models.embeddings import get_timestep_embedding
 
     t = np.array([999.0, 981.25, 500.5, 13.5, 0.75, 0.0], dtype=np.float32)
     spec = {"forward": {"timesteps": nn.spec.Tensor([len(t)], "float32"),
