@@ -136,7 +136,8 @@ def attention_kernel(b: int, n: int, m: int, heads: int, d: int, scale: float, l
                     for j in range(kb):
                         for r in T.unroll(dt):
                             for i in T.vectorized(BR):
-                                acc2[r, i] = acc2[r, i] + v[batch, head, T.min(jb * kb + j, m - 1), do * dt + r] * st[jb * kb + j, i]
+                                acc2[r, i] = acc2[r, i] + (v[batch, head, T.min(jb * kb + j, m - 1), do * dt + r]
+                                                           * st[jb * kb + j, i])
                     for r in T.unroll(dt):
                         for i in T.vectorized(BR):
                             ot[do * dt + r, i] = acc2[r, i]

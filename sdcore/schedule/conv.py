@@ -133,8 +133,9 @@ class Conv2d(dlight.ScheduleRule):
             # channels x 3 rows x 514 columns = 1.6 MB at 512x512) the input falls out of the L2
             # between tasks.
             tiles = w // xr
+            rows_in = window[0] + yr - 1
             chunk = pick([t for t in range(tiles, 0, -1)
-                           if c_in * (window[0] + yr - 1) * (t * xr + window[1] - 1) * 4 <= _CONV_INPUT_BYTES], tiles, 1)
+                          if c_in * rows_in * (t * xr + window[1] - 1) * 4 <= _CONV_INPUT_BYTES], tiles, 1)
             x_oo, x_o = sch.split(x_o, [None, chunk])
             sch.reorder(n_, y_o, x_oo, f_o, x_o, *red, y_i, f_i, x_i)
             sch.parallel(sch.fuse(n_, y_o, x_oo, f_o))

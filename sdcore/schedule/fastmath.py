@@ -1,10 +1,11 @@
 """Vectorizable float32 exp for the CPU: softmax, sigmoid and SiLU rewritten before legalization.
 
 TVM lowers `exp` on llvm targets to the `llvm.exp` intrinsic, which LLVM turns into one libm call
-per lane: a vectorized softmax or SiLU then runs at scalar speed. This pass replaces, in float32 only, `softmax`, `exp`, `sigmoid` and
-`silu` with the same functions written over a polynomial exp (Cephes' expf, as TOPI's `fast_exp`:
-range reduction by ln 2, a degree-5 polynomial, the power of two built in the exponent bits;
-relative error about 1e-6, i.e. well inside the fp32 parity tolerances). Other dtypes are untouched.
+per lane: a vectorized softmax or SiLU then runs at scalar speed. This pass replaces, in float32
+only, `softmax`, `exp`, `sigmoid` and `silu` with the same functions written over a polynomial exp
+(Cephes' expf, as TOPI's `fast_exp`: range reduction by ln 2, a degree-5 polynomial, the power of
+two built in the exponent bits; relative error about 1e-6, i.e. well inside the fp32 parity
+tolerances). Other dtypes are untouched.
 `gelu` is rewritten the same way over a rational erf (Eigen's float erf: x clamped to [-4, 4], odd
 degree-13 over even degree-8 polynomial, error about 1e-7): TVM lowers `erf` to one libm call per
 lane as well. Timings of both: docs/performance.md ("What the compile step does").

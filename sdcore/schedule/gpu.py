@@ -3,8 +3,9 @@
 dlight's own `ApplyDefaultSchedule` stops at the first rule that raises, and leaves a kernel that
 no rule takes without thread bindings (the build then fails far from the cause). Here a rule that
 raises on a kernel (dlight's Matmul asserts on epilogues it cannot inline, such as a pad fused into
-a conv, which is why Downsample2D pads inside its conv) is logged (logger "sdcore.schedule", debug level: the kernels that got a later rule than the one
-meant for them, the first places to look for GPU speed) and the next rule is tried; a kernel that
+a conv, which is why Downsample2D pads inside its conv) is logged (logger "sdcore.schedule", debug
+level: the kernels that got a later rule than the one meant for them, the first places to look for
+GPU speed) and the next rule is tried; a kernel that
 no rule schedules is an error naming it. Kernels that bind their own threads (TVM's GPU versions of
 scatter, sort and the like, chosen at legalization) are left as they are.
 """

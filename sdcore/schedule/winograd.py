@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-
 from tvm import tirx
 from tvm.script import tirx as T
 
