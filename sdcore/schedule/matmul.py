@@ -110,6 +110,139 @@ def _weight_read(stmt) -> int | None:
 WINOGRAD_U = "winograd_u"  # the block computing U in sdcore.schedule.winograd.gemm
 
 
+def _match_gemm(sch: s_tir.Schedule):
+    """The block of an `NN` GEMM C[..., i, j] = sum_k A[..., i, k] B[..., k, j] with static
+    extents, the only reduction of the function (after normalize_prim_func), else None."""
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) != 1:
+        return None
+    main = reductions[0]
+    kinds = main.dom_kind()
+    if not (len(kinds) >= 3 and kinds.endswith("SSR") and kinds[:-1].count("R") == 0):
+        return None
+    stmt = sch.get(main.block_rv)
+    if len(stmt.reads) != 2 or len(stmt.writes) != 1:
+        return None
+    iv = [it.var for it in stmt.iter_vars]
+    i_var, j_var, k_var = iv[-3], iv[-2], iv[-1]
+    w = index_vars([r.min for r in stmt.writes[0].region])
+    if w[-2:] != [i_var, j_var]:
+        return None
+    a_idx = index_vars([r.min for r in stmt.reads[0].region])
+    b_idx = index_vars([r.min for r in stmt.reads[1].region])
+    if a_idx[-2:] != [i_var, k_var] or b_idx[-2:] != [k_var, j_var]:
+        return None
+    if any(not isinstance(it.dom.extent, tirx.IntImm) for it in stmt.iter_vars):
+        return None
+    return main.block_rv
+
+
+def _pad_rows(sch: s_tir.Schedule, stmt, m: int, n: int, lanes: int, k_len: int) -> tuple[int | None, int]:
+    """Pad the GEMM `stmt`'s rows where _row_padding says so -> (the multiple or None, the new M)."""
+    name = stmt.name_hint
+    # A Linear whose rows have no good divisor (77 text tokens per prompt: on AVX2 the tile is 1
+    # vector x 7 rows, 8 loads per 7 FMAs) runs on rows padded with zeros to a multiple of 3, 4
+    # or 6 where that gives a tile with >= 1.25x the FMAs per load (78 rows: 3 vectors x 3
+    # rows, 9 FMAs per 6 loads); a separate copy drops the padded rows and takes the epilogue.
+    # AVX2 only: AVX-512's tiles have not been measured with it (docs/performance.md).
+    row_pad = _row_padding(m, n, lanes, k_len) if lanes == 8 and _weight_read(stmt) is not None else None
+    if row_pad is not None:
+        sch.pad_einsum(sch.get_sblock(name), [1] * (len(stmt.iter_vars) - 3) + [row_pad, 1, 1])
+        m = -(-m // row_pad) * row_pad
+        for padded_input in sch.get_producers(sch.get_sblock(name)):
+            parallel_copy(sch, padded_input)
+    return row_pad, m
+
+
+def _write_back(sch: s_tir.Schedule, block, row_pad: int | None):
+    """The tile's local accumulator block, its write-back taking the epilogue (or, with padded
+    rows, a parallel copy that crops them taking it)."""
+    writeback = sch.cache_write(block, 0, "local")
+    if row_pad is None:
+        inline_consumers(sch, writeback)
+    else:  # (inlined into the write-back, the copy lost its row bound and wrote past the output)
+        crop = sch.get_consumers(writeback)[0]
+        inline_consumers(sch, crop)
+        parallel_copy(sch, crop)
+    return writeback
+
+
+def _gemm_loops(sch: s_tir.Schedule, block, m: int, n: int, tiles: tuple[int, int, int, int],
+                panel: bool, batch_inside: bool):
+    """Split and order the GEMM's loops: parallel tasks of row tiles x NR columns around the MR x
+    NR micro-kernel. `panel`: a weight panel is copied or computed per task (larger tasks);
+    `batch_inside`: batch items are walked inside the task. -> (task, i_t, k, i_r, j_v, j_l)."""
+    nr, vw, mr, mc_tiles = tiles
+    loops = sch.get_loops(block)
+    batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
+    # Batch items stay separate loops, part of the parallel task index: fused into one
+    # batch x M row loop, the row index needs a div/mod per A read (half the speed).
+    rows = m
+    if panel:
+        mc_tiles = _packed_row_tiles(-(-rows // mr), mr, n // nr)
+    i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
+    j_o, j_v, j_l = sch.split(j, [None, nr // vw, vw])
+    if batch_inside:
+        # batch items inside the task: one panel copy serves both prompts, where the copy is
+        # amortized over only 78 rows per item (the text encoder's Linears); and one
+        # pass over a Winograd weight panel computes U for all 16 positions (below)
+        sch.reorder(i_o, j_o, *batch, i_t, k, i_r, j_v, j_l)
+        task = sch.fuse(i_o, j_o)
+    else:
+        sch.reorder(*batch, i_o, j_o, i_t, k, i_r, j_v, j_l)
+        task = sch.fuse(*batch, i_o, j_o)
+    sch.parallel(task)
+    return task, i_t, k, i_r, j_v, j_l
+
+
+def _pack_weight(sch: s_tir.Schedule, block, weight: int, task) -> None:
+    """Copy the task's K x NR panel of the weight (read `weight` of `block`), vectorized."""
+    panel = sch.cache_read(block, weight, "global")
+    sch.compute_at(panel, task, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(panel)[-1])
+
+
+def _winograd_panel(sch: s_tir.Schedule, task, vw: int) -> None:
+    """Compute the task's panel of the Winograd U from a copy of its weights."""
+    # The task's 16 x K x NR panel of U, computed where a Linear's weight panel is copied:
+    # the NR output channels' weights ([NR, C, 3, 3], one contiguous range) are copied to
+    # [C, 3, 3, NR], then per input channel the 9 taps give all 16 positions (9 FMAs each,
+    # vectors along the panel's columns), so the weight is read once per task, not once per
+    # position from beyond the L2.
+    u_block = sch.get_sblock(WINOGRAD_U)
+    w_read = next(i for i, r in enumerate(sch.get(u_block).reads) if len(r.region) == 4)
+    w_panel = sch.cache_read(u_block, w_read, "global")
+    sch.transform_layout(w_panel, ("write", 0), lambda k, c, r, s: (c, r, s, k))
+    sch.compute_at(u_block, task, preserve_unit_loops=True)
+    sch.compute_at(w_panel, task, preserve_unit_loops=True)
+    # the copy in the panel's order, NR columns innermost: in the weight's order each store
+    # goes to another line of the panel (1.8 MB at 1280 channels)
+    p_j, p_c, p_r, p_s = sch.get_loops(w_panel)[-4:]
+    sch.reorder(p_c, p_r, p_s, p_j)
+    u_p, u_c, u_j = sch.get_loops(u_block)[-3:]
+    sch.reorder(u_c, u_p, u_j)
+    sch.vectorize(sch.split(u_j, [None, vw])[1])
+
+
+def _micro_kernel(sch: s_tir.Schedule, block, writeback, i_t, k, i_r, j_v, j_l) -> None:
+    """The MR x NR tile in registers: the write-back per row tile, the tile's rows and vectors
+    unrolled and its columns vectorized, in the update, the init and the write-back."""
+    sch.reverse_compute_at(writeback, i_t, preserve_unit_loops=True)
+    sch.unroll(i_r)
+    sch.unroll(j_v)
+    sch.vectorize(j_l)
+    init = sch.decompose_reduction(block, k)
+    init_loops = sch.get_loops(init)
+    sch.unroll(init_loops[-3])
+    sch.unroll(init_loops[-2])
+    sch.vectorize(init_loops[-1])
+    wb_loops = sch.get_loops(writeback)
+    sch.vectorize(wb_loops[-1])
+
+
 class Matmul(dlight.ScheduleRule):
     """Register-blocked GEMM for the `NN` layout C[..., i, j] = sum_k A[..., i, k] B[..., k, j]."""
 
@@ -117,50 +250,19 @@ class Matmul(dlight.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        main = _match_gemm(sch)
+        if main is None:
             return None
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1:
-            return None
-        main = reductions[0]
-        kinds = main.dom_kind()
-        if not (len(kinds) >= 3 and kinds.endswith("SSR") and kinds[:-1].count("R") == 0):
-            return None
-        stmt = sch.get(main.block_rv)
-        if len(stmt.reads) != 2 or len(stmt.writes) != 1:
-            return None
-        iv = [it.var for it in stmt.iter_vars]
-        i_var, j_var, k_var = iv[-3], iv[-2], iv[-1]
-        w = index_vars([r.min for r in stmt.writes[0].region])
-        if w[-2:] != [i_var, j_var]:
-            return None
-        a_idx = index_vars([r.min for r in stmt.reads[0].region])
-        b_idx = index_vars([r.min for r in stmt.reads[1].region])
-        if a_idx[-2:] != [i_var, k_var] or b_idx[-2:] != [k_var, j_var]:
-            return None
-        if any(not isinstance(it.dom.extent, tirx.IntImm) for it in stmt.iter_vars):
-            return None
+        stmt = sch.get(main)
         m, n, k_len = (int(it.dom.extent) for it in stmt.iter_vars[-3:])
 
         name = stmt.name_hint
         # a Winograd GEMM computes its B (U = G g Gᵀ) per task from the weight (see below)
-        winograd = any(sch.get(b).name_hint == WINOGRAD_U for b in sch.get_producers(main.block_rv))
+        winograd = any(sch.get(b).name_hint == WINOGRAD_U for b in sch.get_producers(main))
         inline_producers(sch, keep={name, WINOGRAD_U})
         lanes = vector_lanes(target)
+        row_pad, m = _pad_rows(sch, stmt, m, n, lanes, k_len)
         nr, vw, mr, mc_tiles = matmul_tiles(m, n, lanes, k_len)
-        # A Linear whose rows have no good divisor (77 text tokens per prompt: on AVX2 the tile is 1
-        # vector x 7 rows, 8 loads per 7 FMAs) runs on rows padded with zeros to a multiple of 3, 4
-        # or 6 where that gives a tile with >= 1.25x the FMAs per load (78 rows: 3 vectors x 3
-        # rows, 9 FMAs per 6 loads); a separate copy drops the padded rows and takes the epilogue.
-        # AVX2 only: AVX-512's tiles have not been measured with it (docs/performance.md).
-        row_pad = _row_padding(m, n, lanes, k_len) if lanes == 8 and _weight_read(stmt) is not None else None
-        if row_pad is not None:
-            sch.pad_einsum(sch.get_sblock(name), [1] * (len(stmt.iter_vars) - 3) + [row_pad, 1, 1])
-            m = -(-m // row_pad) * row_pad
-            nr, vw, mr, mc_tiles = matmul_tiles(m, n, lanes, k_len)
-            for padded_input in sch.get_producers(sch.get_sblock(name)):
-                parallel_copy(sch, padded_input)
         # A weight shared by every row (a Linear's [K, N] after the lifted transpose) is copied, per
         # parallel task, into a contiguous K x NR panel. Read in place, each k step of a column
         # panel is N floats (a page or more for N >= 1280) from the last: at N = 5120 or 10240 the
@@ -168,66 +270,13 @@ class Matmul(dlight.ScheduleRule):
         weight = _weight_read(sch.get(sch.get_sblock(name)))
         pack = weight is not None and n > nr and not winograd
         block = sch.get_sblock(name)
-        writeback = sch.cache_write(block, 0, "local")
-        if row_pad is None:
-            inline_consumers(sch, writeback)
-        else:  # (inlined into the write-back, the copy lost its row bound and wrote past the output)
-            crop = sch.get_consumers(writeback)[0]
-            inline_consumers(sch, crop)
-            parallel_copy(sch, crop)
+        writeback = _write_back(sch, block, row_pad)
 
-        loops = sch.get_loops(block)
-        batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
-        # Batch items stay separate loops, part of the parallel task index: fused into one
-        # batch x M row loop, the row index needs a div/mod per A read (half the speed).
-        rows = m
-        if pack or winograd:
-            mc_tiles = _packed_row_tiles(-(-rows // mr), mr, n // nr)
-        i_o, i_t, i_r = sch.split(i, [None, mc_tiles, mr])
-        j_o, j_v, j_l = sch.split(j, [None, nr // vw, vw])
-        if (row_pad is not None and pack) or winograd:
-            # batch items inside the task: one panel copy serves both prompts, where the copy is
-            # amortized over only 78 rows per item (the text encoder's Linears); and one
-            # pass over a Winograd weight panel computes U for all 16 positions (below)
-            sch.reorder(i_o, j_o, *batch, i_t, k, i_r, j_v, j_l)
-            task = sch.fuse(i_o, j_o)
-        else:
-            sch.reorder(*batch, i_o, j_o, i_t, k, i_r, j_v, j_l)
-            task = sch.fuse(*batch, i_o, j_o)
-        sch.parallel(task)
+        task, *micro_loops = _gemm_loops(sch, block, m, n, (nr, vw, mr, mc_tiles), panel=pack or winograd,
+                                         batch_inside=(row_pad is not None and pack) or winograd)
         if pack:
-            panel = sch.cache_read(block, weight, "global")
-            sch.compute_at(panel, task, preserve_unit_loops=True)
-            sch.vectorize(sch.get_loops(panel)[-1])
+            _pack_weight(sch, block, weight, task)
         if winograd:
-            # The task's 16 x K x NR panel of U, computed where a Linear's weight panel is copied:
-            # the NR output channels' weights ([NR, C, 3, 3], one contiguous range) are copied to
-            # [C, 3, 3, NR], then per input channel the 9 taps give all 16 positions (9 FMAs each,
-            # vectors along the panel's columns), so the weight is read once per task, not once per
-            # position from beyond the L2.
-            u_block = sch.get_sblock(WINOGRAD_U)
-            w_read = next(i for i, r in enumerate(sch.get(u_block).reads) if len(r.region) == 4)
-            w_panel = sch.cache_read(u_block, w_read, "global")
-            sch.transform_layout(w_panel, ("write", 0), lambda k, c, r, s: (c, r, s, k))
-            sch.compute_at(u_block, task, preserve_unit_loops=True)
-            sch.compute_at(w_panel, task, preserve_unit_loops=True)
-            # the copy in the panel's order, NR columns innermost: in the weight's order each store
-            # goes to another line of the panel (1.8 MB at 1280 channels)
-            p_j, p_c, p_r, p_s = sch.get_loops(w_panel)[-4:]
-            sch.reorder(p_c, p_r, p_s, p_j)
-            u_p, u_c, u_j = sch.get_loops(u_block)[-3:]
-            sch.reorder(u_c, u_p, u_j)
-            sch.vectorize(sch.split(u_j, [None, vw])[1])
-        sch.reverse_compute_at(writeback, i_t, preserve_unit_loops=True)
-        sch.unroll(i_r)
-        sch.unroll(j_v)
-        sch.vectorize(j_l)
-        init = sch.decompose_reduction(block, k)
-        init_loops = sch.get_loops(init)
-        sch.unroll(init_loops[-3])
-        sch.unroll(init_loops[-2])
-        sch.vectorize(init_loops[-1])
-        wb_loops = sch.get_loops(writeback)
-        sch.vectorize(wb_loops[-1])
+            _winograd_panel(sch, task, vw)
+        _micro_kernel(sch, block, writeback, *micro_loops)
         return sch
-
