@@ -16,6 +16,7 @@ import pytest
 
 from sdcore.clip import CLIPTextConfig, check_input_ids
 from sdcore.errors import SdcoreError
+from sdcore.presets import preset
 
 torch = pytest.importorskip("torch", reason="torch is the reference's runtime (pip install -e .[test])")
 transformers = pytest.importorskip("transformers", reason="transformers' CLIPTextModel is the reference")
@@ -198,6 +199,8 @@ def test_config_reads_sd_configs():
     sd21 = CLIPTextConfig.from_dict(SD21_CONFIG)
     assert (sd21.hidden_size, sd21.num_hidden_layers, sd21.num_attention_heads) == (1024, 23, 16)
     assert sd21.hidden_act == "gelu"
+    # the published files and sdcore's presets (what the tools and the converter use) agree
+    assert (sd15, sd21) == tuple(CLIPTextConfig.from_dict(preset(n)["text_encoder"]) for n in ("sd15", "sd21"))
     # transformers' own defaults are ours
     assert CLIPTextConfig.from_dict(transformers.CLIPTextConfig().to_dict()) == CLIPTextConfig()
 

@@ -19,6 +19,7 @@ diffusers = pytest.importorskip("diffusers", reason="the reference is diffusers'
 
 from sdcore.errors import SdcoreError  # noqa: E402
 from sdcore.parity import build_tapped, compare, format_table, reference_taps  # noqa: E402
+from sdcore.presets import preset  # noqa: E402
 from sdcore.unet import UNetConfig  # noqa: E402
 
 SD_PATTERN = dict(
@@ -183,6 +184,8 @@ def test_config_reads_published_config(label, tmp_path):
     else:
         assert heads_dim == [64, 64, 64, 64] and config.use_linear_projection and config.upcast_attention
     assert config.time_embed_dim == 1280 and config.num_upsamplers == 3
+    # the published file and sdcore's preset (what the tools and the converter use) are one architecture
+    assert config == UNetConfig.from_dict(preset({"sd1.5": "sd15", "sd2.1": "sd21"}[label])["unet"])
 
 
 @pytest.mark.parametrize("key,value", [
