@@ -192,3 +192,17 @@ def test_bad_thread_variable(monkeypatch, tmp_path, capsys):
     code, _out, err = _run(["txt2img", "--prompt", "a red circle", "--output", tmp_path / "x.png"], capsys)
     assert code == 2 and "TVM_NUM_THREADS" in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(tome="half"), "tome must be a ratio"),
+    (dict(width="wide"), "width 'wide' is not a number"),
+])
+def test_python_api_bad_arguments_are_usage_errors(kwargs, message):
+    """Arguments only the Python API can pass wrongly: one UsageError line, before anything compiles."""
+    from sdcore import StableDiffusion
+    from sdcore.errors import UsageError
+
+    with pytest.raises(UsageError, match=message) as err:
+        StableDiffusion.load().txt2img("a red circle", **kwargs)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
