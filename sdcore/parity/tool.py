@@ -173,8 +173,8 @@ def _run(args) -> int:
     if unknown or not components:
         raise UsageError(f"unknown component(s) {unknown}: choose from {', '.join(COMPONENTS)}.")
     unet_config = weights.model_classes("unet")[0].from_dict(weights.read_config(model_dir, "unet"))
-    vae_config = weights.read_config(model_dir, "vae")
-    default_height, default_width = default_image_size(unet_config, 2 ** (len(vae_config["block_out_channels"]) - 1))
+    vae_config = weights.model_classes("vae")[0].from_dict(weights.read_config(model_dir, "vae"))
+    default_height, default_width = default_image_size(unet_config, vae_config.downsample_factor)
     width, height = args.width or default_width, args.height or default_height
     if width % 8 or height % 8 or width < 8 or height < 8:
         raise UsageError(f"--width/--height must be positive multiples of 8, got {width}x{height}.")

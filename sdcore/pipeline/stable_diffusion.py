@@ -71,7 +71,7 @@ class StableDiffusion:
             raise SdcoreError(f"{path} cannot be read ({err}).") from None
         self.scheduler_config["prediction_type"] = self.info["prediction_type"]
         self.scaling_factor = float(self.configs["vae"].get("scaling_factor", 0.18215))
-        self.vae_scale = 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+        self.vae_scale = weights.model_classes("vae")[0].from_dict(self.configs["vae"]).downsample_factor
         self.default_height, self.default_width = default_image_size(self.unet_config, self.vae_scale)
         self.inpainting = self.configs["unet"].get("in_channels", 4) == 9
         self._target = None
