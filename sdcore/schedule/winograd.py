@@ -43,10 +43,10 @@ from sdcore.schedule.matmul import WINOGRAD_U
 # adds, take at most WINOGRAD_MAX_BYTES (a bound on the txt2img memory peak: it admits the VAE's
 # 512 -> 512 convs at 128x128, not its 256x256 and 512x512 stages), and with both channel counts
 # at least WINOGRAD_MIN_CHANNELS (a network's first and last convs, 3 to 8 channels on one side,
-# have little GEMM for the transforms to save). 16, not more: it stands in for what the networks
-# decided before the dispatch pass (every inner 3x3 conv Winograd, conv_in and conv_out direct),
-# and at 64 the demo model's 16- and 32-channel convs went direct, which moved its UNet and VAE
-# outputs by float32 rounding (~1e-6). Measurements: docs/performance.md, "Winograd".
+# have little GEMM for the transforms to save). 16, not more: it tells a network's first and last
+# convs from its inner ones, and small models' inner convs (16 and 32 channels) stay Winograd, so
+# their outputs do not depend on the channel count's rounding path. Measurements:
+# docs/performance.md, "Winograd".
 WINOGRAD_MIN_TILES = 16
 WINOGRAD_MAX_BYTES = 288 << 20
 WINOGRAD_MIN_CHANNELS = 16
