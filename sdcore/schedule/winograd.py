@@ -44,8 +44,8 @@ from sdcore.schedule.matmul import WINOGRAD_U
 # 512 -> 512 convs at 128x128, not its 256x256 and 512x512 stages), and with both channel counts
 # at least WINOGRAD_MIN_CHANNELS (a network's first and last convs, 3 to 8 channels on one side,
 # have little GEMM for the transforms to save). 16, not more: it tells a network's first and last
-# convs from its inner ones, and small models' inner convs (16 and 32 channels) stay Winograd, so
-# their outputs do not depend on the channel count's rounding path. Measurements:
+# convs from its inner ones, and small models' inner convs (the demo model's 16 and 32 channels)
+# keep Winograd, whose rounding their tests and parity figures were taken with. Measurements:
 # docs/performance.md, "Winograd".
 WINOGRAD_MIN_TILES = 16
 WINOGRAD_MAX_BYTES = 288 << 20
